@@ -56,6 +56,7 @@ class EMNoiseEstimation(L.Callback):
         e_step: EStepSource = "inference",
         convergence_tol: float | None = None,
         freeze_noise_matrix_after: int | None = None,
+        noise_matrix_from: Literal["train", "validation"] = "train",
     ) -> None:
         super().__init__()
         for name, value in (("warmup_epochs", warmup_epochs), ("every_n_epochs", every_n_epochs)):
@@ -72,8 +73,15 @@ class EMNoiseEstimation(L.Callback):
         self.e_step = e_step
         self.convergence_tol = convergence_tol
         self.freeze_noise_matrix_after = freeze_noise_matrix_after
+        if noise_matrix_from not in ("train", "validation"):
+            raise ValueError(f"noise_matrix_from must be 'train' or 'validation'; got {noise_matrix_from!r}")
+        if noise_matrix_from == "validation" and e_step != "inference":
+            raise ValueError("noise_matrix_from='validation' needs e_step='inference' (validation is never trained on)")
+        self.noise_matrix_from = noise_matrix_from
         self.rounds = 0
         self.theta_change = float("nan")
+        self.initial_noise_matrix: Tensor | None = None  # the paper's initialisation, before the first M-step
+        self.noise_matrix_history: list[Tensor] = []  # theta after each EM round, on the CPU
         self.posteriors: Tensor | None = None  # N x K over the training pool, rows of unscored samples are 0
         self._probability_sums: Tensor | None = None
         self._counts: Tensor | None = None
@@ -139,7 +147,10 @@ class EMNoiseEstimation(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for x, _, index in datamodule.pool_dataloader(datamodule.train_indices):
+            indices = datamodule.train_indices
+            if self.noise_matrix_from == "validation":
+                indices = torch.cat([indices, datamodule.val_indices])
+            for x, _, index in datamodule.pool_dataloader(indices):
                 x, index = x.to(pl_module.device, non_blocking=True), index.to(pl_module.device, non_blocking=True)
                 with trainer.precision_plugin.val_step_context():
                     logits = pl_module(x)
@@ -173,13 +184,23 @@ class EMNoiseEstimation(L.Callback):
         probabilities, scored = self._class_probabilities(trainer, pl_module)
         noisy_labels = self._noisy_labels[scored]
         num_classes = pl_module.num_classes
+        # Which scored rows feed the theta M-step: the training split, or the never-trained-on validation split.
+        estimation_split = trainer.datamodule.val_indices if self.noise_matrix_from == "validation" else None
+        for_theta = torch.ones_like(noisy_labels, dtype=torch.bool)
+        if estimation_split is not None:
+            in_split = torch.zeros_like(scored)
+            in_split[estimation_split.to(scored.device)] = True
+            for_theta = in_split[scored]
         previous = pl_module.noise_matrix.double()
         if self.rounds == 0:
-            previous = em.estimate_noise_matrix(probabilities, noisy_labels, num_classes, previous)
+            previous = em.estimate_noise_matrix(
+                probabilities[for_theta], noisy_labels[for_theta], num_classes, previous
+            )
+            self.initial_noise_matrix = previous.cpu()
         # posterior() raises on NaN/Inf before anything is overwritten, so a diverged network leaves theta intact.
         posterior = em.posterior(probabilities.clamp_min(1e-30).log(), previous, noisy_labels)
         frozen = self.freeze_noise_matrix_after is not None and self.rounds >= self.freeze_noise_matrix_after
-        statistics = em.noise_statistics(posterior, noisy_labels, num_classes)
+        statistics = em.noise_statistics(posterior[for_theta], noisy_labels[for_theta], num_classes)
         theta = previous if frozen else em.normalise_rows(statistics, previous)
 
         table = torch.zeros(scored.numel(), num_classes, device=pl_module.device)
@@ -190,6 +211,7 @@ class EMNoiseEstimation(L.Callback):
         pl_module.noise_matrix.copy_(theta.to(pl_module.noise_matrix.dtype))
         self.posteriors = table
         pl_module.posteriors = table
+        self.noise_matrix_history.append(pl_module.noise_matrix.detach().cpu().clone())
         self.rounds += 1
         if self.convergence_tol is not None and self.rounds > 1 and self.theta_change < self.convergence_tol:
             trainer.should_stop = True
@@ -220,10 +242,14 @@ class EMNoiseEstimation(L.Callback):
             "rounds": self.rounds,
             "theta_change": self.theta_change,
             "posteriors": None if self.posteriors is None else self.posteriors.detach().cpu(),
+            "initial_noise_matrix": self.initial_noise_matrix,
+            "noise_matrix_history": list(self.noise_matrix_history),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rounds = int(state_dict["rounds"])
         self.theta_change = float(state_dict["theta_change"])
         self.posteriors = state_dict["posteriors"]
+        self.initial_noise_matrix = state_dict.get("initial_noise_matrix")
+        self.noise_matrix_history = list(state_dict.get("noise_matrix_history", []))
 

@@ -29,10 +29,14 @@ import torch
 from torch import Tensor
 
 
-def check_finite(values: Tensor, name: str) -> None:
-    """Raise ``FloatingPointError`` when ``values`` holds NaN or Inf (a diverged network, typically)."""
-    if not torch.isfinite(values).all():
-        bad = (~torch.isfinite(values)).any(dim=-1).sum().item() if values.ndim > 1 else "some"
+def check_log_probs(values: Tensor, name: str = "log_probs") -> None:
+    """Raise ``FloatingPointError`` when ``values`` holds NaN or +Inf (a diverged network, typically).
+
+    ``-inf`` is allowed: it is the log of an exact zero probability.
+    """
+    invalid = torch.isnan(values) | torch.isposinf(values)
+    if invalid.any():
+        bad = invalid.any(dim=-1).sum().item() if values.ndim > 1 else "some"
         raise FloatingPointError(
             f"{name} contains NaN or Inf ({bad} rows); the network has diverged. "
             "Lower the learning rate or use gradient clipping (Trainer(gradient_clip_val=...))."
@@ -45,16 +49,16 @@ def posterior(log_probs: Tensor, noise_matrix: Tensor, noisy_labels: Tensor) -> 
     ``c[t, i] = softmax_i( log p(y = i | x_t) + log theta[i, z_t] )``.
 
     Args:
-        log_probs: ``N x K`` log-probabilities ``log p(y | x)`` (e.g. ``log_softmax(logits)``), finite.
+        log_probs: ``N x K`` log-probabilities ``log p(y | x)`` (e.g. ``log_softmax(logits)``); ``-inf`` allowed.
         noise_matrix: ``K x K`` row-stochastic ``theta``; zeros are allowed and give zero posterior mass.
         noisy_labels: ``N`` integer noisy labels in ``[0, K)``.
 
     Returns:
-        ``N x K`` float tensor whose rows sum to 1. A row for which every class has zero joint mass (a
+        ``N x K`` float tensor whose rows sum to 1. Raises ``FloatingPointError`` for NaN or +Inf input. A row for which every class has zero joint mass (a
         noisy label that ``theta`` says is impossible for every class the network allows) falls back to
         ``p(y | x)``, so that no row is 0/0.
     """
-    check_finite(log_probs, "log_probs")
+    check_log_probs(log_probs)
     log_probs = log_probs.float()
     log_theta = noise_matrix.to(log_probs).clamp_min(0).log()  # log 0 = -inf: exact zero mass
     joint = log_probs + log_theta.t()[noisy_labels.long()]

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from noisy_lightning.augment import random_shift
+from noisy_lightning.em import posterior
 from noisy_lightning.models import MLP
 
 Method = Literal["ce", "em"]
@@ -60,6 +61,7 @@ class NoisyLabelClassifier(L.LightningModule):
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
         lr_scheduler: Literal["none", "cosine"] = "none",
         augment_shift: int = 0,
+        em_targets: Literal["stored", "online"] = "stored",
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -76,6 +78,8 @@ class NoisyLabelClassifier(L.LightningModule):
             raise ValueError(f"lr_scheduler must be 'none' or 'cosine'; got {lr_scheduler!r}")
         if isinstance(augment_shift, bool) or not isinstance(augment_shift, int) or augment_shift < 0:
             raise ValueError(f"augment_shift must be an integer >= 0, got {augment_shift!r}")
+        if em_targets not in ("stored", "online"):
+            raise ValueError(f"em_targets must be 'stored' or 'online'; got {em_targets!r}")
         # The net is a module, saved in the state dict; keeping it out of hparams keeps hparams.yaml readable.
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else MLP(num_classes=num_classes)
@@ -124,11 +128,13 @@ class NoisyLabelClassifier(L.LightningModule):
             self.image_shape = (side, side)
         return random_shift(x, self.hparams.augment_shift, self.image_shape)
 
-    def training_targets(self, noisy_labels: Tensor, index: Tensor) -> Tensor:
-        """Hard noisy labels, or the EM posteriors ``c[index]`` once EM has produced them."""
-        if self.method == "em" and self.posteriors is not None:
-            return self.posteriors[index]
-        return noisy_labels
+    def training_targets(self, logits: Tensor, noisy_labels: Tensor, index: Tensor) -> Tensor:
+        """Hard noisy labels, or the EM posteriors once EM has started (stored ``c[index]``, or online)."""
+        if self.method != "em" or self.posteriors is None:
+            return noisy_labels
+        if self.hparams.em_targets == "online":
+            return posterior(F.log_softmax(logits.detach().float(), dim=1), self.noise_matrix, noisy_labels)
+        return self.posteriors[index]
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, noisy_labels, index = batch
@@ -136,7 +142,7 @@ class NoisyLabelClassifier(L.LightningModule):
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"net returned logits of shape {tuple(logits.shape)}; expected [batch, {self.num_classes}]")
         # cross_entropy takes class indices or class probabilities alike (soft targets after EM starts).
-        loss = F.cross_entropy(logits, self.training_targets(noisy_labels, index))
+        loss = F.cross_entropy(logits, self.training_targets(logits, noisy_labels, index))
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         # The EM callback can collect these for an E-step from the training pass itself.
         return {"loss": loss, "logits": logits.detach()}

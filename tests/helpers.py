@@ -1,0 +1,33 @@
+"""Small builders shared by the tests: a quiet CPU Trainer and models that keep their weights fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from noisy_lightning import NoisyLabelClassifier
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+    }
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+class FrozenClassifier(NoisyLabelClassifier):
+    """A classifier whose optimiser has learning rate 0: the weights stay at their seeded initialisation, so runs
+    on 1 and N processes (or interrupted and not) can be compared sample for sample."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)

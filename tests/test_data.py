@@ -1,0 +1,205 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from noisy_lightning.data import BatchedTensorDataset, NoisyLabelDataModule, collate_batch, locate_idx_files
+from noisy_lightning.idx import read_idx, write_idx
+
+
+def make_idx_folder(folder: Path, train: int = 60, test: int = 20, num_classes: int = 10) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    for prefix, count in (("train", train), ("t10k", test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", generator.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", (np.arange(count) % num_classes).astype(np.uint8))
+    return folder
+
+
+def test_idx_round_trip_plain_and_gzip(tmp_path: Path) -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):
+        write_idx(tmp_path / name, array)
+        assert torch.equal(read_idx(tmp_path / name), torch.from_numpy(array))
+    assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
+
+
+def test_truncated_idx_file_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "train-images-idx3-ubyte"
+    write_idx(path, np.zeros((10, 28, 28), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"is truncated: header says shape \(10, 28, 28\)"):
+        read_idx(path)
+
+
+def test_truncated_gzip_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "x-idx1-ubyte.gz"
+    write_idx(path, np.zeros(1000, dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_idx(path)
+
+
+def test_wrong_magic_number_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad-idx1-ubyte"
+    path.write_bytes(struct.pack(">I", 0x00000D01) + struct.pack(">I", 1) + b"\x00\x00\x00\x00")
+    with pytest.raises(ValueError, match="magic number 0x00000d01"):
+        read_idx(path)
+
+
+def test_wrong_dimension_count_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "x-idx1-ubyte"
+    write_idx(path, np.zeros((2, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match="has 2 dimensions, expected 1"):
+        read_idx(path, expected_ndim=1)
+
+
+def test_missing_directory_says_where_it_looked_and_what_to_do(tmp_path: Path) -> None:
+    datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as error:
+        datamodule.prepare_data()
+    message = str(error.value)
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
+    assert "NOISY_LIGHTNING_DATA" in message and "mnist_sample" in message
+
+
+def test_failed_download_explains_the_offline_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
+    datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(tmp_path), download=True)
+    with pytest.raises(RuntimeError, match="download of dataset='mnist'.*mnist_sample"):
+        datamodule.prepare_data()
+
+
+def test_flat_layout_and_gzip_are_found(tmp_path: Path) -> None:
+    make_idx_folder(tmp_path / "fashion-mnist")
+    files = locate_idx_files("fashion_mnist", tmp_path)
+    assert files["train_images"].parent == tmp_path / "fashion-mnist"
+
+
+def test_image_label_count_mismatch(tmp_path: Path) -> None:
+    folder = make_idx_folder(tmp_path / "MNIST" / "raw")
+    write_idx(folder / "train-labels-idx1-ubyte", np.zeros(59, dtype=np.uint8))
+    datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="holds 60 images but .* holds 59 labels"):
+        datamodule.setup("fit")
+
+
+def test_labels_outside_the_class_range(tmp_path: Path) -> None:
+    folder = make_idx_folder(tmp_path / "MNIST" / "raw")
+    write_idx(folder / "train-labels-idx1-ubyte", np.full(60, 12, dtype=np.uint8))
+    datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"must be in \[0, 10\).*does num_classes=10 match the data"):
+        datamodule.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise_type": "symmetric", "noise_rate": 1.5}, r"noise_rate must be in \[0, 1\)"),
+        ({"noise_type": "symmetric", "noise_rate": -0.1}, r"noise_rate must be in \[0, 1\)"),
+        ({"noise_type": "bogus"}, "noise_type must be one of"),
+        ({"dataset": "cifar"}, "dataset must be one of 'mnist_sample', 'mnist', 'fashion_mnist', 'kmnist'"),
+        ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"batch_size": -5}, "batch_size must be a positive integer"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0"),
+        ({"noise_type": "custom", "transition_matrix": [[0.5, 0.5], [0.5, 0.5]]}, r"expected shape \(10, 10\)"),
+        ({"noise_type": "custom", "transition_matrix": [[0.9] * 10] * 10}, "rows must sum to 1"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NoisyLabelDataModule(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def sample() -> NoisyLabelDataModule:
+    datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.4, seed=3, batch_size=64)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_sample_ships_with_the_package(sample: NoisyLabelDataModule) -> None:
+    assert sample.pool_size == 4000
+    assert sample.test_labels.numel() == 1000
+    assert torch.bincount(sample.train_clean_labels).tolist() == [400] * 10
+    assert sample.pool_images.dtype == torch.float32 and sample.pool_images.shape == (4000, 784)
+    assert abs(sample.pool_images.mean().item()) < 0.1  # normalised
+
+
+def test_split_is_a_partition_of_the_noisy_pool(sample: NoisyLabelDataModule) -> None:
+    train, val = set(sample.train_indices.tolist()), set(sample.val_indices.tolist())
+    assert not train & val
+    assert train | val == set(range(4000))
+    assert len(val) == 400
+    assert sample.corruption is not None and 0.35 < sample.corruption.flip_rate < 0.45
+
+
+def test_training_batches_carry_noisy_labels_and_pool_indices_never_clean_ones(sample: NoisyLabelDataModule) -> None:
+    seen = []
+    for x, labels, index in sample.train_dataloader():
+        assert x.shape[1] == 784 and x.dtype == torch.float32
+        assert torch.equal(labels, sample.train_noisy_labels[index])
+        assert torch.equal(x, sample.pool_images[index])
+        seen.append(index)
+    seen_all = torch.cat(seen)
+    assert sorted(seen_all.tolist()) == sample.train_indices.tolist()
+    flipped = sample.train_noisy_labels[seen_all] != sample.train_clean_labels[seen_all]
+    assert flipped.float().mean() > 0.3  # the labels served really are the corrupted ones
+
+
+def test_validation_is_noisy_and_test_is_clean(sample: NoisyLabelDataModule) -> None:
+    x, noisy, clean = next(iter(sample.val_dataloader()))
+    assert torch.equal(noisy, sample.train_noisy_labels[sample.val_indices][: len(noisy)])
+    assert torch.equal(clean, sample.train_clean_labels[sample.val_indices][: len(clean)])
+    _, test_labels = next(iter(sample.test_dataloader()))
+    assert torch.equal(test_labels, sample.test_labels[: len(test_labels)])
+
+
+def test_same_seed_same_labels_and_split_other_seed_differs() -> None:
+    def build(seed: int, batch_size: int = 32) -> NoisyLabelDataModule:
+        datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, seed=seed, batch_size=batch_size)
+        datamodule.setup("fit")
+        return datamodule
+
+    first, again, other_batch, other_seed = build(1), build(1), build(1, batch_size=500), build(2)
+    assert torch.equal(first.train_noisy_labels, again.train_noisy_labels)
+    assert torch.equal(first.train_noisy_labels, other_batch.train_noisy_labels)
+    assert torch.equal(first.val_indices, again.val_indices)
+    assert not torch.equal(first.train_noisy_labels, other_seed.train_noisy_labels)
+    assert not torch.equal(first.val_indices, other_seed.val_indices)
+
+
+def test_batched_dataset_serves_a_batch_in_one_call() -> None:
+    dataset = BatchedTensorDataset(torch.arange(10).float(), torch.arange(10) * 2)
+    x, y = collate_batch(dataset.__getitems__([3, 1]))
+    assert x.tolist() == [3.0, 1.0] and y.tolist() == [6, 2]
+    assert len(dataset) == 10 and dataset[4][1].item() == 8
+
+
+def test_full_mnist_loads(mnist_dir: Path) -> None:
+    datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(mnist_dir), noise_type="uniform", noise_rate=0.5)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert datamodule.pool_size == 60_000 and datamodule.test_labels.numel() == 10_000
+    assert abs(datamodule.corruption.flip_rate - 0.45) < 0.01
+
+
+def test_gzip_only_folder_loads(tmp_path: Path) -> None:
+    folder = make_idx_folder(tmp_path / "raw_gz")
+    for path in folder.iterdir():
+        with gzip.open(f"{path}.gz", "wb") as handle:
+            handle.write(path.read_bytes())
+        path.unlink()
+    datamodule = NoisyLabelDataModule(dataset="kmnist", data_dir=str(folder), val_fraction=0.5)
+    datamodule.setup("fit")
+    assert datamodule.pool_size == 60

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from noisy_lightning import em, noise
+
+
+def test_posterior_matches_bayes_rule_by_hand() -> None:
+    probs = torch.tensor([[0.6, 0.3, 0.1]])
+    theta = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.0, 0.5, 0.5]])
+    # z = 1: joint = [0.6*0.1, 0.3*0.7, 0.1*0.5] = [0.06, 0.21, 0.05], total 0.32
+    result = em.posterior(probs.log(), theta, torch.tensor([1]))
+    assert torch.allclose(result, torch.tensor([[0.06, 0.21, 0.05]]) / 0.32, atol=1e-6)
+
+
+def test_posterior_is_stable_for_extreme_log_probs() -> None:
+    log_probs = torch.log_softmax(torch.tensor([[200.0, -200.0, 0.0], [-1e4, 0.0, -1e4]]), dim=1)
+    theta = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    result = em.posterior(log_probs, theta, torch.tensor([0, 2]))
+    assert torch.isfinite(result).all()
+    assert torch.allclose(result.sum(dim=1), torch.ones(2))
+    # Sample 0, z = 0: theta[0, 0] = 0 so class 0 is impossible though the network is sure of it.
+    assert result[0, 0].item() == 0.0
+    # Sample 1, z = 2: only class 2 can emit z = 2.
+    assert result[1, 2].item() == pytest.approx(1.0)
+
+
+def test_posterior_falls_back_to_the_network_when_the_label_is_impossible() -> None:
+    log_probs = torch.tensor([[0.7, 0.3, 0.0]]).log()
+    theta = torch.eye(3)
+    result = em.posterior(log_probs, theta, torch.tensor([2]))  # only class 2 emits 2, the network excludes it
+    assert torch.allclose(result, torch.tensor([[0.7, 0.3, 0.0]]))
+
+
+def test_posterior_refuses_nan() -> None:
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        em.posterior(torch.tensor([[float("nan"), 0.0]]), torch.eye(2), torch.tensor([0]))
+
+
+def test_m_step_by_hand() -> None:
+    posterior = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.25, 0.75]])
+    noisy = torch.tensor([0, 1, 1, 0])
+    # S[0] = [1 + 0.25, 0.5] -> [1.25, 0.5] / 1.75 ; S[1] = [0.75, 0.5 + 1] -> [0.75, 1.5] / 2.25
+    theta = em.estimate_noise_matrix(posterior, noisy, 2)
+    expected = torch.tensor([[1.25 / 1.75, 0.5 / 1.75], [0.75 / 2.25, 1.5 / 2.25]], dtype=torch.float64)
+    assert torch.allclose(theta, expected)
+
+
+def test_m_step_keeps_previous_row_for_an_empty_class() -> None:
+    posterior = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    previous = noise.symmetric(3, 0.3)
+    theta = em.estimate_noise_matrix(posterior, torch.tensor([0, 1]), 3, previous=previous)
+    assert torch.equal(theta[2], previous[2])
+    assert torch.isfinite(theta).all()
+    assert torch.allclose(theta.sum(dim=1), torch.ones(3, dtype=torch.float64))
+
+
+def test_perfect_network_recovers_the_realised_confusion_exactly() -> None:
+    torch.manual_seed(0)
+    clean = torch.randint(0, 5, (4000,))
+    truth = noise.pair_flip(5, 0.35)
+    corruption = noise.corrupt_labels(clean, truth, seed=1)
+    perfect = torch.nn.functional.one_hot(clean, 5).float()
+    # With one-hot p(y|x) the posterior is the one-hot clean label whatever theta is (where theta allows z) ...
+    posterior = em.posterior(perfect.clamp_min(1e-45).log(), truth, corruption.noisy_labels)
+    assert torch.equal(posterior.argmax(dim=1), clean)
+    # ... so both the paper's initialisation and the M-step give exactly the realised confusion matrix.
+    assert torch.allclose(em.estimate_noise_matrix(perfect, corruption.noisy_labels, 5),
+                          corruption.realised_transition_matrix, atol=1e-12)
+    assert torch.allclose(em.estimate_noise_matrix(posterior, corruption.noisy_labels, 5),
+                          corruption.realised_transition_matrix, atol=1e-6)
+
+
+def test_noise_statistics_add_up_over_shards() -> None:
+    torch.manual_seed(0)
+    posterior = torch.softmax(torch.randn(101, 4), dim=1)
+    noisy = torch.randint(0, 4, (101,))
+    whole = em.noise_statistics(posterior, noisy, 4)
+    halves = em.noise_statistics(posterior[:50], noisy[:50], 4) + em.noise_statistics(posterior[50:], noisy[50:], 4)
+    assert torch.allclose(whole, halves, atol=1e-12)
+
+
+def test_error_metrics() -> None:
+    truth = noise.symmetric(2, 0.2)
+    estimate = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    assert em.noise_matrix_error(estimate, truth) == pytest.approx(0.2 / 2)
+    assert em.noise_matrix_max_abs_error(estimate, truth) == pytest.approx(0.1)
+    assert em.noise_matrix_error(truth, truth) == 0.0
+
+
+def test_recovery_and_flip_precision_recall() -> None:
+    clean = torch.tensor([0, 0, 1, 1, 2])
+    noisy = torch.tensor([0, 1, 1, 0, 2])  # samples 1 and 3 are wrong
+    corrected = torch.tensor([0, 0, 0, 1, 2])  # fixes 1 and 3, wrongly changes 2
+    probs = torch.nn.functional.one_hot(corrected, 3).float()
+    assert em.label_recovery(probs, clean) == pytest.approx(4 / 5)
+    precision, recall = em.flip_precision_recall(probs, noisy, clean)
+    assert precision == pytest.approx(2 / 3)
+    assert recall == pytest.approx(1.0)
