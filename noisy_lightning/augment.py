@@ -17,9 +17,7 @@ def random_shift(images: Tensor, max_shift: int, image_shape: tuple[int, int]) -
     height, width = image_shape
     batch = images.shape[0]
     background = images.detach().amin()
-    padded = torch.nn.functional.pad(
-        images.reshape(batch, height, width), (max_shift,) * 4, value=0.0
-    )
+    padded = torch.nn.functional.pad(images.reshape(batch, height, width), (max_shift,) * 4, value=0.0)
     # pad(value=...) needs a Python float; padding with 0 then filling the border keeps this free of host syncs.
     border = torch.ones(height + 2 * max_shift, width + 2 * max_shift, dtype=torch.bool, device=images.device)
     border[max_shift : max_shift + height, max_shift : max_shift + width] = False

@@ -252,4 +252,3 @@ class EMNoiseEstimation(L.Callback):
         self.posteriors = state_dict["posteriors"]
         self.initial_noise_matrix = state_dict.get("initial_noise_matrix")
         self.noise_matrix_history = list(state_dict.get("noise_matrix_history", []))
-

@@ -1,8 +1,8 @@
 """The ``noisy-lightning`` command: ``LightningCLI`` over ``NoisyLabelClassifier`` and ``NoisyLabelDataModule``.
 
-    noisy-lightning fit --config configs/quickstart.yaml
-    noisy-lightning test --config configs/quickstart.yaml --ckpt_path last
-    noisy-lightning fit --config configs/quickstart.yaml --print_config
+noisy-lightning fit --config configs/quickstart.yaml
+noisy-lightning test --config configs/quickstart.yaml --ckpt_path last
+noisy-lightning fit --config configs/quickstart.yaml --print_config
 """
 
 from __future__ import annotations

@@ -347,9 +347,9 @@ class NoisyLabelDataModule(L.LightningDataModule):
         if isinstance(saved_matrix, Tensor) and not torch.equal(saved_matrix, self.true_transition_matrix):
             mismatches.append("noise model (noise_type / noise_rate / transition_matrix)")
         saved_checksum = state_dict.get("noisy_labels_checksum")
-        if not mismatches and saved_checksum is not None and self._is_set_up:
-            if saved_checksum != _checksum(self.train_noisy_labels):
-                mismatches.append("noisy labels (the data files differ)")
+        labels_differ = self._is_set_up and saved_checksum not in (None, _checksum(self.train_noisy_labels))
+        if not mismatches and labels_differ:
+            mismatches.append("noisy labels (the data files differ)")
         if mismatches:
             raise ValueError(
                 "the checkpoint was made with a different data configuration: "

@@ -54,9 +54,12 @@ def posterior(log_probs: Tensor, noise_matrix: Tensor, noisy_labels: Tensor) -> 
         noisy_labels: ``N`` integer noisy labels in ``[0, K)``.
 
     Returns:
-        ``N x K`` float tensor whose rows sum to 1. Raises ``FloatingPointError`` for NaN or +Inf input. A row for which every class has zero joint mass (a
-        noisy label that ``theta`` says is impossible for every class the network allows) falls back to
-        ``p(y | x)``, so that no row is 0/0.
+        ``N x K`` float tensor whose rows sum to 1. A row for which every class has zero joint mass (a noisy
+        label that ``theta`` says is impossible for every class the network allows) falls back to ``p(y | x)``,
+        so that no row is 0/0.
+
+    Raises:
+        FloatingPointError: ``log_probs`` holds NaN or +Inf (a diverged network).
     """
     check_log_probs(log_probs)
     log_probs = log_probs.float()

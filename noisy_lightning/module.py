@@ -25,10 +25,12 @@ class NoisyLabelClassifier(L.LightningModule):
 
     Methods (the loss of ``training_step``):
         ``"ce"``: cross-entropy against the noisy labels (the baseline; with noise rate 0, the clean baseline).
-        ``"em"``: Bekker & Goldberger's EM. Before EM starts it is ``"ce"``; afterwards the targets are the
-            posteriors of the true labels, ``c[index]``, kept up to date by the
+        ``"em"``: Bekker & Goldberger's EM. Before EM starts it is ``"ce"``; afterwards the network trains on the
+            posteriors of the true labels (the M-step for the weights), with theta kept up to date by the
             :class:`~noisy_lightning.callbacks.EMNoiseEstimation` callback (added automatically when the Trainer
             has none).
+        More methods (forward correction, a noise adaptation layer) slot in as new :meth:`training_targets`
+        / loss branches keyed by ``method``; the data, callback and metrics do not change.
 
     State used by EM:
         ``noise_matrix``: the ``K x K`` buffer ``theta``, ``theta[i, j] = P(noisy = j | true = i)``; identity until
@@ -49,6 +51,13 @@ class NoisyLabelClassifier(L.LightningModule):
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with Nesterov momentum 0.9).
         lr_scheduler: ``"none"`` or ``"cosine"`` (annealed to 0 over ``Trainer(max_epochs)``).
         augment_shift: random translation of each training image by up to this many pixels (0 = off).
+        em_targets: which posteriors the weights train on once EM has started. ``"online"`` (default):
+            ``c ∝ p(y | x; w) theta[:, z]`` recomputed in each training step from the current network and theta
+            (detached), whose gradient is that of the noisy-label log-likelihood ``log sum_i p(i | x) theta[i, z]``;
+            a wrong label can then pull the network by at most ``log(theta[z, z] / theta[y, z])``, which keeps it
+            from memorising its own targets. ``"stored"``: the table ``c[index]`` from the last E-step, the
+            paper's literal M-step; it memorises (theta drifts to the identity), see
+            ``benchmarks/results/em_variants.md``.
     """
 
     def __init__(
@@ -61,7 +70,7 @@ class NoisyLabelClassifier(L.LightningModule):
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
         lr_scheduler: Literal["none", "cosine"] = "none",
         augment_shift: int = 0,
-        em_targets: Literal["stored", "online"] = "stored",
+        em_targets: Literal["stored", "online"] = "online",
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -140,7 +149,9 @@ class NoisyLabelClassifier(L.LightningModule):
         x, noisy_labels, index = batch
         logits = self.net(self._augment(x))
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"net returned logits of shape {tuple(logits.shape)}; expected [batch, {self.num_classes}]")
+            raise ValueError(
+                f"net returned logits of shape {tuple(logits.shape)}; expected [batch, {self.num_classes}]"
+            )
         # cross_entropy takes class indices or class probabilities alike (soft targets after EM starts).
         loss = F.cross_entropy(logits, self.training_targets(logits, noisy_labels, index))
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)

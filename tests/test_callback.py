@@ -102,8 +102,9 @@ def test_frozen_noise_matrix_stays_fixed() -> None:
     L.seed_everything(0)
     callback = EMNoiseEstimation(warmup_epochs=1, freeze_noise_matrix_after=1)
     model = NoisyLabelClassifier(method="em")
-    quiet_trainer(max_epochs=3, callbacks=[callback]).fit(model, NoisyLabelDataModule(noise_type="symmetric",
-                                                                                      noise_rate=0.3))
+    quiet_trainer(max_epochs=3, callbacks=[callback]).fit(
+        model, NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3)
+    )
     assert torch.equal(callback.noise_matrix_history[1], callback.noise_matrix_history[0])
     assert torch.equal(callback.noise_matrix_history[2], callback.noise_matrix_history[0])
 

@@ -74,7 +74,7 @@ def test_failed_download_explains_the_offline_options(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
     datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(tmp_path), download=True)
-    with pytest.raises(RuntimeError, match="download of dataset='mnist'.*mnist_sample"):
+    with pytest.raises(RuntimeError, match=r"download of dataset='mnist'.*mnist_sample"):
         datamodule.prepare_data()
 
 
@@ -88,7 +88,7 @@ def test_image_label_count_mismatch(tmp_path: Path) -> None:
     folder = make_idx_folder(tmp_path / "MNIST" / "raw")
     write_idx(folder / "train-labels-idx1-ubyte", np.zeros(59, dtype=np.uint8))
     datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="holds 60 images but .* holds 59 labels"):
+    with pytest.raises(ValueError, match=r"holds 60 images but .* holds 59 labels"):
         datamodule.setup("fit")
 
 
@@ -158,7 +158,7 @@ def test_training_batches_carry_noisy_labels_and_pool_indices_never_clean_ones(s
 
 
 def test_validation_is_noisy_and_test_is_clean(sample: NoisyLabelDataModule) -> None:
-    x, noisy, clean = next(iter(sample.val_dataloader()))
+    _, noisy, clean = next(iter(sample.val_dataloader()))
     assert torch.equal(noisy, sample.train_noisy_labels[sample.val_indices][: len(noisy)])
     assert torch.equal(clean, sample.train_clean_labels[sample.val_indices][: len(clean)])
     _, test_labels = next(iter(sample.test_dataloader()))

@@ -64,10 +64,14 @@ def test_perfect_network_recovers_the_realised_confusion_exactly() -> None:
     posterior = em.posterior(perfect.clamp_min(1e-45).log(), truth, corruption.noisy_labels)
     assert torch.equal(posterior.argmax(dim=1), clean)
     # ... so both the paper's initialisation and the M-step give exactly the realised confusion matrix.
-    assert torch.allclose(em.estimate_noise_matrix(perfect, corruption.noisy_labels, 5),
-                          corruption.realised_transition_matrix, atol=1e-12)
-    assert torch.allclose(em.estimate_noise_matrix(posterior, corruption.noisy_labels, 5),
-                          corruption.realised_transition_matrix, atol=1e-6)
+    assert torch.allclose(
+        em.estimate_noise_matrix(perfect, corruption.noisy_labels, 5), corruption.realised_transition_matrix, atol=1e-12
+    )
+    assert torch.allclose(
+        em.estimate_noise_matrix(posterior, corruption.noisy_labels, 5),
+        corruption.realised_transition_matrix,
+        atol=1e-6,
+    )
 
 
 def test_noise_statistics_add_up_over_shards() -> None:

@@ -40,8 +40,7 @@ def test_classifier_bad_arguments(kwargs: dict, message: str) -> None:
 
 @pytest.mark.parametrize("hidden_sizes", [[], [32], [64, 32, 16]])
 def test_mlp_any_depth(hidden_sizes: list[int]) -> None:
-    net = MLP(in_features=12, hidden_sizes=hidden_sizes, num_classes=3, activation="tanh", dropout=0.1,
-              batch_norm=True)
+    net = MLP(in_features=12, hidden_sizes=hidden_sizes, num_classes=3, activation="tanh", dropout=0.1, batch_norm=True)
     assert net(torch.randn(5, 3, 4)).shape == (5, 3)
     assert sum(isinstance(m, torch.nn.Linear) for m in net.modules()) == len(hidden_sizes) + 1
 

@@ -126,7 +126,7 @@ def test_custom_matrix_within_tolerance_is_accepted() -> None:
 
 
 def test_unknown_noise_type_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="noise_type must be one of 'none', 'symmetric'.*'custom'; got 'gaussian'"):
+    with pytest.raises(ValueError, match=r"noise_type must be one of 'none', 'symmetric'.*'custom'; got 'gaussian'"):
         noise.build_transition_matrix("gaussian", K, 0.2)
 
 

@@ -1,0 +1,71 @@
+"""Run one EM round with frozen weights on N CPU processes (gloo) and save what every rank ended with.
+
+    python tests/ddp_worker.py --devices 2 --e-step inference --out result.pt
+
+Used by test_distributed.py: the weights never change (learning rate 0), so theta, the posterior table and the
+validation accuracy must be the same on 1 and N processes whatever the sharding and the sampler's padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import FrozenClassifier, quiet_trainer
+
+from noisy_lightning import EMNoiseEstimation, NoisyLabelDataModule
+
+
+class CountValidationSamples(L.Callback):
+    """Counts the validation samples each rank scored; the sum over ranks must be the split's size."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.indices: list[torch.Tensor] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.count += batch[0].shape[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--e-step", default="inference")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    L.seed_everything(0)
+    # 4000-sample pool, 401 validation: an odd training split (3599) and an odd validation split, so the
+    # distributed sampler must pad, and the padding must not bias theta or the accuracy.
+    datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, val_fraction=0.10025, batch_size=128)
+    model = FrozenClassifier(method="em")
+    callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step)
+    counter = CountValidationSamples()
+    trainer = quiet_trainer(
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=2,
+        callbacks=[callback, counter],
+    )
+    trainer.fit(model, datamodule)
+    validation_count = trainer.strategy.reduce(torch.tensor(float(counter.count)), reduce_op="sum")
+    result = {
+        "noise_matrix": model.noise_matrix.cpu(),
+        "history": callback.noise_matrix_history,
+        "posteriors": callback.posteriors.cpu(),
+        "noisy_labels": datamodule.train_noisy_labels,
+        "val_indices": datamodule.val_indices,
+        "val_acc_clean": trainer.callback_metrics["val/acc_clean"].item(),
+        "validation_count_per_epoch": validation_count.item() / 2,
+        "val_size": len(datamodule.val_indices),
+    }
+    torch.save(result, f"{args.out}.rank{trainer.global_rank}")
+
+
+if __name__ == "__main__":
+    main()
