@@ -114,8 +114,9 @@ def run_one(dataset: str, noise_type: str, noise_rate: float, seed: int, recipe:
     started = time.perf_counter()
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - started
-    test_accuracy = trainer.test(model, datamodule, verbose=False)[0]["test/acc"]
+    # trainer.test() replaces callback_metrics, so read the fit's last-epoch metrics first.
     metrics = {key: value.item() for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+    test_accuracy = trainer.test(model, datamodule, verbose=False)[0]["test/acc"]
     return {
         "test_acc": test_accuracy,
         "val_acc_noisy": metrics["val/acc_noisy"],
