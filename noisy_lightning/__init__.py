@@ -5,7 +5,7 @@ Public API::
     from noisy_lightning import NoisyLabelDataModule, NoisyLabelClassifier, MLP, EMNoiseEstimation
 """
 
-from noisy_lightning.callbacks import EMNoiseEstimation
+from noisy_lightning.callbacks import EMNoiseEstimation, NoisyLabelFigures
 from noisy_lightning.data import NoisyLabelDataModule
 from noisy_lightning.models import MLP
 from noisy_lightning.module import NoisyLabelClassifier
@@ -16,6 +16,7 @@ __all__ = [
     "EMNoiseEstimation",
     "NoisyLabelClassifier",
     "NoisyLabelDataModule",
+    "NoisyLabelFigures",
     "build_transition_matrix",
     "corrupt_labels",
 ]

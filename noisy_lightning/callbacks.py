@@ -9,10 +9,12 @@ then computed identically (and equal to a single-process run) on every rank.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from noisy_lightning import em
@@ -252,3 +254,144 @@ class EMNoiseEstimation(L.Callback):
         self.posteriors = state_dict["posteriors"]
         self.initial_noise_matrix = state_dict.get("initial_noise_matrix")
         self.noise_matrix_history = list(state_dict.get("noise_matrix_history", []))
+
+
+class NoisyLabelFigures(L.Callback):
+    """Draw the figures of :mod:`noisy_lightning.plots` during ``fit`` and put them where Lightning users look.
+
+    Each figure is saved as a PNG under ``<trainer.log_dir>/figures/`` and, with a TensorBoard logger, logged to
+    its Images tab. After each EM round: the noise matrix (true ``T``, ``theta`` and their difference). At the end
+    of fit: the correction grid, the confusion matrices (true labels against the noisy labels, the EM-corrected
+    labels and the predictions, for the training split and the test set) and the training curves. Figures are
+    drawn on global rank 0 only.
+
+    Args:
+        grid_size: the correction grid is ``grid_size x grid_size`` images.
+        grid_selection: ``"first"``, ``"random"``, ``"most_confident"`` or ``"least_confident"`` changes.
+        track_test_accuracy: evaluate the test set after every epoch for the curves (synthetic experiments).
+        dpi: resolution of the PNG files.
+    """
+
+    def __init__(
+        self,
+        grid_size: int = 10,
+        grid_selection: Literal["first", "random", "most_confident", "least_confident"] = "random",
+        track_test_accuracy: bool = True,
+        dpi: int = 80,
+    ) -> None:
+        super().__init__()
+        if grid_size < 1:
+            raise ValueError(f"grid_size must be >= 1, got {grid_size!r}")
+        self.grid_size = grid_size
+        self.grid_selection = grid_selection
+        self.track_test_accuracy = track_test_accuracy
+        self.dpi = dpi
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.em_round_epochs: list[int] = []
+        self.saved: list[Path] = []
+        self._rounds_seen = 0
+
+    def _em_callback(self, trainer: L.Trainer) -> EMNoiseEstimation | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, EMNoiseEstimation)), None)
+
+    def _emit(self, trainer: L.Trainer, figure: Any, name: str) -> None:
+        from noisy_lightning.plots import save_figure
+
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "figures"
+        self.saved.append(save_figure(figure, folder / f"{name}.png", dpi=self.dpi))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(name, figure, global_step=trainer.global_step, close=False)
+
+    @torch.no_grad()
+    def _predict(self, pl_module: L.LightningModule, images: Tensor) -> Tensor:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            batches = [pl_module(chunk.to(pl_module.device)).argmax(dim=1).cpu() for chunk in images.split(4096)]
+        finally:
+            pl_module.train(was_training)
+        return torch.cat(batches)
+
+    def _record_epoch(self, trainer: L.Trainer, epoch: int) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if isinstance(value, Tensor) and value.numel() == 1 and key.split("/")[0] in ("train", "val", "em"):
+                self.history.setdefault(key, []).append((epoch, value.item()))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Metrics of the previous epoch are complete here, whatever the order of the callbacks' epoch-end hooks.
+        if trainer.current_epoch > 0 and trainer.is_global_zero:
+            self._record_epoch(trainer, trainer.current_epoch - 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        if self.track_test_accuracy and hasattr(datamodule, "test_images"):
+            predictions = self._predict(pl_module, datamodule.test_images)
+            accuracy = (predictions == datamodule.test_labels).double().mean().item()
+            self.history.setdefault("test/acc", []).append((trainer.current_epoch, accuracy))
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # An EM round that ran at the end of the previous epoch is drawn once, before training goes on.
+        if batch_idx == 0:
+            self._draw_new_rounds(trainer, pl_module)
+
+    def _draw_new_rounds(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from noisy_lightning.plots import noise_matrix_figure
+
+        em_callback = self._em_callback(trainer)
+        if em_callback is None or em_callback.rounds == self._rounds_seen:
+            return
+        self._rounds_seen = em_callback.rounds
+        self.em_round_epochs.append(trainer.current_epoch - 1)
+        if trainer.is_global_zero:
+            truth = getattr(trainer.datamodule, "true_transition_matrix", None)
+            title = f"EM round {em_callback.rounds} (after epoch {trainer.current_epoch - 1})"
+            self._emit(
+                trainer,
+                noise_matrix_figure(truth, pl_module.noise_matrix, title),
+                f"noise_matrix/round_{em_callback.rounds:03d}",
+            )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from noisy_lightning import plots
+
+        self._draw_new_rounds(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        self._record_epoch(trainer, trainer.current_epoch - 1)
+        datamodule = trainer.datamodule
+        if self.history:
+            self._emit(trainer, plots.training_curves_figure(self.history, self.em_round_epochs), "training_curves")
+        if not hasattr(datamodule, "train_indices"):
+            return
+        index = datamodule.train_indices
+        noisy, clean = datamodule.train_noisy_labels[index], datamodule.train_clean_labels[index]
+        em_callback = self._em_callback(trainer)
+        comparisons = {"train: noisy": (clean, noisy)}
+        if em_callback is not None and em_callback.posteriors is not None:
+            posteriors = em_callback.posteriors[index.to(em_callback.posteriors.device)].cpu()
+            corrected = posteriors.argmax(dim=1)
+            comparisons["train: corrected"] = (clean, corrected)
+            self._emit(
+                trainer,
+                plots.correction_grid_figure(
+                    datamodule.pool_images[index],
+                    noisy,
+                    corrected,
+                    clean,
+                    self.grid_size,
+                    self.grid_size,
+                    self.grid_selection,
+                    posteriors.max(dim=1).values,
+                    datamodule.image_shape,
+                ),
+                "correction_grid",
+            )
+        comparisons["train: prediction"] = (clean, self._predict(pl_module, datamodule.pool_images[index]))
+        if hasattr(datamodule, "test_images"):
+            comparisons["test: prediction"] = (datamodule.test_labels, self._predict(pl_module, datamodule.test_images))
+        self._emit(trainer, plots.confusion_matrices_figure(comparisons, pl_module.num_classes), "confusion_matrices")

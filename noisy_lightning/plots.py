@@ -52,11 +52,13 @@ def _heatmap(axes, matrix: np.ndarray, title: str, fmt: str, vmin: float, vmax: 
     image = axes.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax)
     size = matrix.shape[0]
     font = 7 if size > 8 else 9
-    threshold = vmin + 0.6 * (vmax - vmin)
+    # Dark text on the light end of the colour map, light text on the dark end (viridis); the diverging map is
+    # light around 0 where most entries sit, so it always takes dark text.
+    light_above = vmin + 0.55 * (vmax - vmin)
     for i in range(size):
         for j in range(size):
             value = matrix[i, j]
-            colour = "white" if (value > threshold or value < vmin + 0.15 * (vmax - vmin)) and cmap != "RdBu_r" else "k"
+            colour = "black" if cmap == "RdBu_r" or value > light_above else "white"
             axes.text(j, i, format(value, fmt), ha="center", va="center", fontsize=font, color=colour)
     axes.set_xticks(range(size))
     axes.set_yticks(range(size))
@@ -234,8 +236,9 @@ def correction_grid_figure(
                 Rectangle((-0.5, -0.5), width, height, fill=False, edgecolor=FRAME_COLOURS[category], linewidth=3.5)
             )
     shown = ["fixed", "broken", "missed"] if truth is not None else ["changed"]
-    handles = [Patch(facecolor="none", edgecolor=FRAME_COLOURS[key], linewidth=2.5, label=FRAME_LABELS[key])
-               for key in shown]
+    handles = [
+        Patch(facecolor="none", edgecolor=FRAME_COLOURS[key], linewidth=2.5, label=FRAME_LABELS[key]) for key in shown
+    ]
     caption = "title: noisy → corrected (true)" if truth is not None else "title: noisy → corrected"
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), title=caption, fontsize=8)
     return figure
@@ -261,7 +264,9 @@ def training_curves_figure(
     panels = {title: [m for m in names if history.get(m)] for title, names in CURVE_PANELS.items()}
     panels = {title: names for title, names in panels.items() if names}
     if not panels:
-        raise ValueError(f"history has none of the plotted metrics: {sorted({m for v in CURVE_PANELS.values() for m in v})}")
+        raise ValueError(
+            f"history has none of the plotted metrics: {sorted({m for v in CURVE_PANELS.values() for m in v})}"
+        )
     figure = Figure(figsize=(5.0 * len(panels), 3.8), layout="constrained")
     grid = figure.subplots(1, len(panels), squeeze=False)[0]
     for axes, (title, names) in zip(grid, panels.items(), strict=True):

@@ -10,13 +10,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
     stem = tmp_path / "quality"
-    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--dataset", "mnist_sample", "--seeds", "0",
-               "--rows", "symmetric 50%", "--epochs", "3", "--out", str(stem)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "quality.py"),
+        "--dataset",
+        "mnist_sample",
+        "--seeds",
+        "0",
+        "--rows",
+        "symmetric 50%",
+        "--epochs",
+        "3",
+        "--out",
+        str(stem),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     with stem.with_suffix(".csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["row"], r["recipe"]) for r in rows] == [("clean", "ce"), ("symmetric 50%", "ce"), ("symmetric 50%", "em")]
+    assert [(r["row"], r["recipe"]) for r in rows] == [
+        ("clean", "ce"),
+        ("symmetric 50%", "ce"),
+        ("symmetric 50%", "em"),
+    ]
     em_row = rows[-1]
     assert 0.0 <= float(em_row["theta_error"]) < 1.0 and 0.5 < float(em_row["label_recovery"]) <= 1.0
     markdown = stem.with_suffix(".md").read_text()
