@@ -224,7 +224,8 @@ def write_markdown(csv_path: Path, md_path: Path, title: str, rows: list[tuple],
             f"{column(clean, 'test_acc')} | {column(em_runs, 'theta_error', 1.0, 3)} | "
             f"{column(em_runs, 'label_recovery')} | {published} | {target} |"
         )
-    recipe = json.loads(results[0]["recipe_json"]) if results else asdict(DEFAULT_EM)
+    em_results = [r for r in results if r["recipe"] == "em"]
+    recipe = json.loads(em_results[0]["recipe_json"]) if em_results else asdict(DEFAULT_EM)
     lines += ["", f"EM recipe: `{json.dumps(recipe)}`. CE rows use the same recipe with `method: ce`.", ""]
     atomic_write(md_path, "\n".join(lines))
 
