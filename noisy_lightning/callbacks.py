@@ -20,17 +20,29 @@ from torch import Tensor
 from noisy_lightning import em
 
 EStepSource = Literal["inference", "train_pass"]
+Initialisation = Literal["hard_confusion", "soft_confusion"]
 
 
 class EMNoiseEstimation(L.Callback):
     """Re-estimate the noise matrix ``theta`` and the label posteriors at epoch ends (Bekker & Goldberger, 2016).
 
     Schedule: the network trains on the noisy labels for ``warmup_epochs``. At the end of the last warm-up epoch
-    theta is initialised to the row-normalised soft confusion between the network's predictions and the noisy
-    labels (the paper's initialisation), then an EM round runs: the E-step computes the posteriors
+    theta is initialised to the row-normalised confusion between the network's predictions and the noisy labels
+    (hard, from the argmax, by default; the paper's soft version is ``initialisation="soft_confusion"``), then an
+    EM round runs: the E-step computes the posteriors
     ``c[t, i] ∝ p(y = i | x_t) theta[i, z_t]`` for the training split and the M-step sets
     ``theta[i, j] ∝ sum_t c[t, i] 1[z_t = j]``. The network then trains on the soft targets ``c`` (the M-step for
     the weights) for ``every_n_epochs`` epochs, after which the next round runs, and so on.
+
+    Why the defaults differ from the paper (measured in ``benchmarks/results/em_variants.md``): a network warmed up
+    on noisy labels outputs ``p(z | x)``, not ``p(y | x)``, and ``(p(y | x) = p(z | x), theta = I)`` maximises the
+    likelihood as well as the truth does. Under asymmetric noise near 50% (pair-flip 45%, permutation 46%) an
+    immediate theta M-step slides to that identity solution (theta error 0.90). Held rounds
+    (``hold_initial_rounds``, default 3) keep theta at its initialisation and only update the posteriors, so the
+    network first learns ``p(y | x)`` against a fixed theta, and the M-steps that follow converge to T (theta
+    error 0.01 on pair-flip 45%). The hard initialisation matters for noise whose soft confusion is nearly
+    symmetric: for a 2-cycle of a 46% permutation the soft estimate puts 0.503 and 0.497 on the two classes, and
+    the network can settle on the swapped labels; the hard one starts from T itself.
 
     Args:
         warmup_epochs: epochs of plain cross-entropy on the noisy labels before the first EM round (>= 1).
@@ -44,6 +56,11 @@ class EMNoiseEstimation(L.Callback):
             ``None`` (default) never stops early.
         freeze_noise_matrix_after: number of EM rounds after which theta is kept fixed and only the posteriors
             are updated (``None``: never freeze).
+        noise_matrix_from: ``"train"`` (default) or ``"validation"``: which split's posteriors feed the theta
+            M-step (the validation split is never trained on; needs ``e_step="inference"``).
+        initialisation: ``"hard_confusion"`` (default: from the argmax predictions) or ``"soft_confusion"`` (the
+            paper's: from the predicted probabilities); see :func:`noisy_lightning.em.initial_noise_matrix`.
+        hold_initial_rounds: number of EM rounds (>= 0) that keep theta at its initialisation; see above.
 
     Logged each epoch once EM has started: ``em/round``, ``em/theta_change``, and, when the DataModule knows the
     truth (synthetic noise), ``em/theta_error`` (``||theta - T||_1 / ||T||_1``), ``em/theta_max_abs_error``,
@@ -59,6 +76,8 @@ class EMNoiseEstimation(L.Callback):
         convergence_tol: float | None = None,
         freeze_noise_matrix_after: int | None = None,
         noise_matrix_from: Literal["train", "validation"] = "train",
+        initialisation: Initialisation = "hard_confusion",
+        hold_initial_rounds: int = 3,
     ) -> None:
         super().__init__()
         for name, value in (("warmup_epochs", warmup_epochs), ("every_n_epochs", every_n_epochs)):
@@ -80,13 +99,22 @@ class EMNoiseEstimation(L.Callback):
         if noise_matrix_from == "validation" and e_step != "inference":
             raise ValueError("noise_matrix_from='validation' needs e_step='inference' (validation is never trained on)")
         self.noise_matrix_from = noise_matrix_from
+        if initialisation not in ("hard_confusion", "soft_confusion"):
+            raise ValueError(f"initialisation must be 'hard_confusion' or 'soft_confusion'; got {initialisation!r}")
+        if isinstance(hold_initial_rounds, bool) or not isinstance(hold_initial_rounds, int) or hold_initial_rounds < 0:
+            raise ValueError(f"hold_initial_rounds must be an integer >= 0, got {hold_initial_rounds!r}")
+        self.initialisation = initialisation
+        self.hold_initial_rounds = hold_initial_rounds
         self.rounds = 0
         self.theta_change = float("nan")
-        self.initial_noise_matrix: Tensor | None = None  # the paper's initialisation, before the first M-step
+        self.initial_noise_matrix: Tensor | None = None  # theta's initialisation, before the first M-step
         self.noise_matrix_history: list[Tensor] = []  # theta after each EM round, on the CPU
         self.posteriors: Tensor | None = None  # N x K over the training pool, rows of unscored samples are 0
+        self.last_round_epoch = -1  # the epoch whose end ran the latest EM round
+        # train_pass E-step: per-sample sums of p(y | x) over the current epoch; saved in mid-epoch checkpoints.
         self._probability_sums: Tensor | None = None
         self._counts: Tensor | None = None
+        self._collecting_epoch = -1
 
     # ---- schedule ----------------------------------------------------------------------------------------------
     def is_em_epoch(self, epoch: int) -> bool:
@@ -122,16 +150,36 @@ class EMNoiseEstimation(L.Callback):
                 )
             self.posteriors = self.posteriors.to(pl_module.device)
             pl_module.posteriors = self.posteriors
+        if self._probability_sums is not None:  # a train_pass epoch interrupted by a checkpoint
+            self._probability_sums = self._probability_sums.to(pl_module.device)
+            self._counts = self._counts.to(pl_module.device)
 
     # ---- collecting p(y | x) -----------------------------------------------------------------------------------
     def _collecting(self, trainer: L.Trainer) -> bool:
         return self.e_step == "train_pass" and self.is_em_epoch(trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._collecting(trainer):
+        self._prepare_epoch(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Also here, not only at the epoch start: Lightning skips on_train_epoch_start for the epoch that follows a
+        # checkpoint saved after an epoch's last step.
+        self._prepare_epoch(trainer, pl_module)
+
+    def _prepare_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from a checkpoint saved after the last step of an EM epoch, but before that epoch's end
+        # hooks, never sees on_train_epoch_end for it: run the missed round now, with the same weights.
+        due = self._latest_em_epoch_before(trainer.current_epoch)
+        if due is not None and due > self.last_round_epoch:
+            self.em_round(trainer, pl_module, epoch=due)
+        # Sums restored from a mid-epoch checkpoint of this epoch are kept; otherwise a train_pass epoch starts at 0.
+        if self._collecting(trainer) and self._collecting_epoch != trainer.current_epoch:
             pool_size = trainer.datamodule.pool_size
             self._probability_sums = torch.zeros(pool_size, pl_module.num_classes, device=pl_module.device)
             self._counts = torch.zeros(pool_size, device=pl_module.device)
+            self._collecting_epoch = trainer.current_epoch
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -175,14 +223,24 @@ class EMNoiseEstimation(L.Callback):
         return sums[scored] / counts[scored].unsqueeze(1), scored
 
     # ---- the EM round ------------------------------------------------------------------------------------------
+    def _latest_em_epoch_before(self, epoch: int) -> int | None:
+        """The last epoch ``< epoch`` whose end has an EM round, or ``None``."""
+        last = epoch - 1
+        if last + 1 < self.warmup_epochs:
+            return None
+        return last - (last + 1 - self.warmup_epochs) % self.every_n_epochs
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.is_em_epoch(trainer.current_epoch):
-            self.em_round(trainer, pl_module)
+        if self.is_em_epoch(trainer.current_epoch) and self.last_round_epoch < trainer.current_epoch:
+            self.em_round(trainer, pl_module, epoch=trainer.current_epoch)
         if self.rounds > 0:
             self._log_metrics(trainer, pl_module)
 
-    def em_round(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """One E-step and theta M-step over the training split; initialises theta on the first round."""
+    def em_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int | None = None) -> None:
+        """One E-step and theta M-step over the training split; initialises theta on the first round.
+
+        ``epoch`` is the epoch whose end the round belongs to (default: the current one).
+        """
         probabilities, scored = self._class_probabilities(trainer, pl_module)
         noisy_labels = self._noisy_labels[scored]
         num_classes = pl_module.num_classes
@@ -195,13 +253,15 @@ class EMNoiseEstimation(L.Callback):
             for_theta = in_split[scored]
         previous = pl_module.noise_matrix.double()
         if self.rounds == 0:
-            previous = em.estimate_noise_matrix(
-                probabilities[for_theta], noisy_labels[for_theta], num_classes, previous
+            hard = self.initialisation == "hard_confusion"
+            previous = em.initial_noise_matrix(
+                probabilities[for_theta], noisy_labels[for_theta], num_classes, hard=hard
             )
             self.initial_noise_matrix = previous.cpu()
         # posterior() raises on NaN/Inf before anything is overwritten, so a diverged network leaves theta intact.
         posterior = em.posterior(probabilities.clamp_min(1e-30).log(), previous, noisy_labels)
-        frozen = self.freeze_noise_matrix_after is not None and self.rounds >= self.freeze_noise_matrix_after
+        held = self.rounds < self.hold_initial_rounds
+        frozen = held or (self.freeze_noise_matrix_after is not None and self.rounds >= self.freeze_noise_matrix_after)
         statistics = em.noise_statistics(posterior[for_theta], noisy_labels[for_theta], num_classes)
         theta = previous if frozen else em.normalise_rows(statistics, previous)
 
@@ -215,7 +275,9 @@ class EMNoiseEstimation(L.Callback):
         pl_module.posteriors = table
         self.noise_matrix_history.append(pl_module.noise_matrix.detach().cpu().clone())
         self.rounds += 1
-        if self.convergence_tol is not None and self.rounds > 1 and self.theta_change < self.convergence_tol:
+        self.last_round_epoch = trainer.current_epoch if epoch is None else epoch
+        updated_rounds = self.rounds - self.hold_initial_rounds  # held rounds change theta by 0 by design
+        if self.convergence_tol is not None and updated_rounds > 1 and self.theta_change < self.convergence_tol:
             trainer.should_stop = True
 
     def _log_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -235,8 +297,9 @@ class EMNoiseEstimation(L.Callback):
                 "em/flip_precision": precision,
                 "em/flip_recall": recall,
             }
-        # Every rank holds the same values, so no reduction is needed (and none is paid for).
-        pl_module.log_dict(values, on_step=False, on_epoch=True)
+        # Every rank holds the same values, so the mean over ranks changes nothing; sync_dist only keeps Lightning
+        # from warning about unsynchronised epoch metrics (a few scalars, once per epoch).
+        pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -246,6 +309,10 @@ class EMNoiseEstimation(L.Callback):
             "posteriors": None if self.posteriors is None else self.posteriors.detach().cpu(),
             "initial_noise_matrix": self.initial_noise_matrix,
             "noise_matrix_history": list(self.noise_matrix_history),
+            "last_round_epoch": self.last_round_epoch,
+            "collecting_epoch": self._collecting_epoch,
+            "probability_sums": None if self._probability_sums is None else self._probability_sums.cpu(),
+            "counts": None if self._counts is None else self._counts.cpu(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -254,6 +321,12 @@ class EMNoiseEstimation(L.Callback):
         self.posteriors = state_dict["posteriors"]
         self.initial_noise_matrix = state_dict.get("initial_noise_matrix")
         self.noise_matrix_history = list(state_dict.get("noise_matrix_history", []))
+        # Checkpoints from before this key existed: the epoch of the latest round follows from the schedule.
+        scheduled = self.warmup_epochs - 1 + (self.rounds - 1) * self.every_n_epochs if self.rounds else -1
+        self.last_round_epoch = int(state_dict.get("last_round_epoch", scheduled))
+        self._collecting_epoch = int(state_dict.get("collecting_epoch", -1))
+        self._probability_sums = state_dict.get("probability_sums")
+        self._counts = state_dict.get("counts")
 
 
 class NoisyLabelFigures(L.Callback):

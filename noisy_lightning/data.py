@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
+from noisy_lightning.batching import TensorBatches
 from noisy_lightning.idx import read_idx
 from noisy_lightning.noise import NOISE_TYPES, Corruption, build_transition_matrix, check_labels, corrupt_labels
 
@@ -121,34 +119,6 @@ def normalise_images(images: Tensor, mean: float, std: float) -> Tensor:
     return flat.sub_(mean).div_(std)
 
 
-class BatchedTensorDataset(Dataset[tuple[Tensor, ...]]):
-    """Tensors sharing a first dimension, served a whole batch at a time.
-
-    ``DataLoader`` calls :meth:`__getitems__` with all indices of a batch, so a batch is one indexing operation
-    per tensor rather than ``batch_size`` Python calls and a collate. Use it with :func:`collate_batch`.
-    """
-
-    def __init__(self, *tensors: Tensor) -> None:
-        if not tensors or any(tensor.shape[0] != tensors[0].shape[0] for tensor in tensors):
-            raise ValueError("BatchedTensorDataset needs tensors with the same first dimension")
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return self.tensors[0].shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
-        return tuple(tensor[index] for tensor in self.tensors)
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, ...]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return tuple(tensor[index] for tensor in self.tensors)
-
-
-def collate_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The batch from :meth:`BatchedTensorDataset.__getitems__` is already collated."""
-    return batch
-
-
 class NoisyLabelDataModule(L.LightningDataModule):
     """MNIST-family data with labels corrupted by a noise model, for training and evaluating noisy-label methods.
 
@@ -167,7 +137,11 @@ class NoisyLabelDataModule(L.LightningDataModule):
         val_fraction: fraction of the training pool held out for validation, in ``(0, 1)``.
         batch_size: samples per training batch (> 0).
         eval_batch_size: samples per validation/test/predict batch; default ``max(batch_size, 1024)``.
-        num_workers: ``DataLoader`` workers. The data is resident, so 0 (no worker processes) is fastest.
+
+    Loaders are :class:`~noisy_lightning.batching.TensorBatches`, not ``DataLoader``: the data is resident, so a
+    batch is one gather per tensor, on the Trainer's device (a GPU run keeps the dataset on the GPU and copies
+    nothing per batch). The training order depends on ``seed`` and the epoch only, and a checkpoint saved
+    mid-epoch resumes at the next unseen batch.
     """
 
     def __init__(
@@ -182,7 +156,6 @@ class NoisyLabelDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -194,8 +167,6 @@ class NoisyLabelDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.data_dir = data_dir if data_dir is not None else default_data_dir()
@@ -209,9 +180,9 @@ class NoisyLabelDataModule(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 1024)
-        self.num_workers = num_workers
         self.corruption: Corruption | None = None
         self._is_set_up = False
+        self._device_tensors: dict[tuple[str, str], tuple[Tensor, ...]] = {}
 
     # ---- data preparation -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -279,49 +250,71 @@ class NoisyLabelDataModule(L.LightningDataModule):
         return (side, side)
 
     # ---- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, dataset: BatchedTensorDataset, batch_size: int, shuffle: bool, training: bool) -> DataLoader:
-        sampler = None
+    def _device(self) -> torch.device:
         trainer = self.trainer
-        if not training and trainer is not None and trainer.world_size > 1:
-            # Lightning's default DistributedSampler pads evaluation shards with repeats, which would count some
-            # validation samples twice; this one gives each sample to exactly one rank.
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-            )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle if sampler is None else None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            persistent_workers=self.num_workers > 0,
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _split(self, name: str) -> tuple[Tensor, ...]:
+        """The tensors of one split on the Trainer's device, built there once: GPU runs never copy per batch."""
+        device = self._device()
+        key = (name, str(device))
+        if key not in self._device_tensors:
+            if name == "pool":
+                tensors = (self.pool_images, self.train_noisy_labels)
+            elif name == "test":
+                tensors = (self.test_images, self.test_labels)
+            else:
+                pool_images, pool_noisy = self._split("pool")
+                index = (self.train_indices if name == "train" else self.val_indices).to(device)
+                tensors = (pool_images[index], pool_noisy[index], index)
+                if name == "val":  # the clean label replaces the index: metrics need it, EM never sees it
+                    tensors = (*tensors[:2], self.train_clean_labels.to(device)[index])
+            self._device_tensors[key] = tuple(tensor.to(device) for tensor in tensors)
+        return self._device_tensors[key]
+
+    def _loader(self, tensors: tuple[Tensor, ...], batch_size: int, training: bool) -> TensorBatches:
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return TensorBatches(
+            tensors,
+            batch_size,
+            shuffle=training,
+            seed=self.seed,
+            num_replicas=world_size,
+            rank=rank,
+            # Training shards are padded to equal length (DDP needs equal step counts; EM averages the repeats);
+            # evaluation shards are not, so every validation and test sample is counted exactly once.
+            pad=training,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        indices = self.train_indices
-        dataset = BatchedTensorDataset(self.pool_images[indices], self.train_noisy_labels[indices], indices)
-        return self._loader(dataset, self.batch_size, shuffle=True, training=True)
+    def train_dataloader(self) -> TensorBatches:
+        """``(x, noisy_label, pool_index)`` batches of the training split, reshuffled every epoch."""
+        return self._loader(self._split("train"), self.batch_size, training=True)
 
-    def val_dataloader(self) -> DataLoader:
-        indices = self.val_indices
-        dataset = BatchedTensorDataset(
-            self.pool_images[indices], self.train_noisy_labels[indices], self.train_clean_labels[indices]
-        )
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, training=False)
+    def val_dataloader(self) -> TensorBatches:
+        """``(x, noisy_label, clean_label)`` batches of the validation split (the clean label for metrics only)."""
+        return self._loader(self._split("val"), self.eval_batch_size, training=False)
 
-    def test_dataloader(self) -> DataLoader:
-        dataset = BatchedTensorDataset(self.test_images, self.test_labels)
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, training=False)
+    def test_dataloader(self) -> TensorBatches:
+        """``(x, clean_label)`` batches of the test set."""
+        return self._loader(self._split("test"), self.eval_batch_size, training=False)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(BatchedTensorDataset(self.test_images), self.eval_batch_size, shuffle=False, training=False)
+    def predict_dataloader(self) -> TensorBatches:
+        """``(x,)`` batches of the test set."""
+        return self._loader(self._split("test")[:1], self.eval_batch_size, training=False)
 
-    def pool_dataloader(self, indices: Tensor | None = None) -> DataLoader:
-        """``(x, noisy_label, index)`` over the training pool (or ``indices`` of it), in order, for inference."""
-        indices = torch.arange(self.pool_size) if indices is None else indices
-        dataset = BatchedTensorDataset(self.pool_images[indices], self.train_noisy_labels[indices], indices)
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, training=False)
+    def pool_dataloader(self, indices: Tensor | None = None) -> TensorBatches:
+        """``(x, noisy_label, index)`` over the training pool (or ``indices`` of it), in order, for inference.
+
+        Under DDP each rank gets its own unpadded share, so the shares add up to every requested row once.
+        """
+        if indices is self.train_indices:
+            tensors = self._split("train")
+        else:
+            pool_images, pool_noisy = self._split("pool")
+            index = (torch.arange(self.pool_size) if indices is None else indices).to(pool_images.device)
+            tensors = (pool_images[index], pool_noisy[index], index)
+        return self._loader(tensors, self.eval_batch_size, training=False)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:

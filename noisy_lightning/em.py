@@ -103,6 +103,23 @@ def estimate_noise_matrix(
     return normalise_rows(noise_statistics(class_probs, noisy_labels, num_classes), previous)
 
 
+def initial_noise_matrix(class_probs: Tensor, noisy_labels: Tensor, num_classes: int, *, hard: bool = False) -> Tensor:
+    """Theta before the first EM round, from a network warmed up on the noisy labels.
+
+    Soft (the paper's): ``theta[i, j] = sum_t p(i | x_t) 1[z_t = j] / sum_t p(i | x_t)``. Hard:
+    the same with ``p(i | x_t)`` replaced by ``1[argmax_k p(k | x_t) = i]``.
+
+    Why hard exists: a warmed-up network estimates ``p(z | x)``, not ``p(y | x)``. For a sample of class ``y``
+    it spreads ``T[y, :]`` over the classes, so the soft statistic mixes each row with the rows of the classes
+    that flip into it: under pair-flip 45% the soft estimate has about 0.25 on *both* neighbours of the
+    diagonal, while the hard one is ``T`` itself whenever ``argmax_j T[y, j] = y`` (T diagonally dominant) and
+    the network ranks classes correctly. Empty rows become identity rows.
+    """
+    if hard:
+        class_probs = torch.nn.functional.one_hot(class_probs.argmax(dim=1), num_classes)
+    return normalise_rows(noise_statistics(class_probs, noisy_labels, num_classes))
+
+
 def noise_matrix_error(estimate: Tensor, truth: Tensor) -> float:
     """Relative entrywise L1 error ``||estimate - truth||_1 / ||truth||_1`` (T-Revision's and Dual-T's metric)."""
     truth = truth.double().cpu()

@@ -58,6 +58,11 @@ class NoisyLabelClassifier(L.LightningModule):
             from memorising its own targets. ``"stored"``: the table ``c[index]`` from the last E-step, the
             paper's literal M-step; it memorises (theta drifts to the identity), see
             ``benchmarks/results/em_variants.md``.
+        reseed_every_step: before each training batch, seed torch's RNG from ``(the seed at the start of the
+            first fit, epoch, batch index, rank)``. Dropout and augmentation then depend on the step only, so a run
+            resumed from any checkpoint, even one saved mid-epoch, draws the same random numbers as a run that was
+            never interrupted (Lightning does not save RNG states in checkpoints). The base seed is saved in the
+            checkpoint.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class NoisyLabelClassifier(L.LightningModule):
         lr_scheduler: Literal["none", "cosine"] = "none",
         augment_shift: int = 0,
         em_targets: Literal["stored", "online"] = "online",
+        reseed_every_step: bool = True,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -97,6 +103,7 @@ class NoisyLabelClassifier(L.LightningModule):
         self.register_buffer("noise_matrix", torch.eye(num_classes))
         self.posteriors: Tensor | None = None
         self.image_shape: tuple[int, int] | None = None
+        self.step_seed_base: int | None = None
 
         def accuracy() -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -122,6 +129,29 @@ class NoisyLabelClassifier(L.LightningModule):
 
         has_em = any(isinstance(callback, EMNoiseEstimation) for callback in self.trainer.callbacks)
         return [EMNoiseEstimation()] if self.method == "em" and not has_em else []
+
+    # ---- reproducible randomness -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.step_seed_base is None:
+            self.step_seed_base = torch.initial_seed()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.hparams.reseed_every_step:
+            base = self.step_seed_base if self.step_seed_base is not None else torch.initial_seed()
+            # hash() of a tuple of ints is deterministic across processes (no PYTHONHASHSEED salt for ints).
+            seed = hash((base, self.current_epoch, batch_idx, self.global_rank)) & 0x7FFF_FFFF_FFFF_FFFF
+            # Not torch.manual_seed: before CUDA is initialised it formats a stack trace per call (~1 ms a step).
+            torch.default_generator.manual_seed(seed)
+            if self.device.type == "cuda":
+                torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+            elif self.device.type != "cpu":
+                torch.manual_seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["step_seed_base"] = self.step_seed_base
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.step_seed_base = checkpoint.get("step_seed_base")
 
     # ---- training ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

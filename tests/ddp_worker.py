@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import FrozenClassifier, quiet_trainer
 
-from noisy_lightning import EMNoiseEstimation, NoisyLabelDataModule
+from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
 
 
 class CountValidationSamples(L.Callback):
@@ -37,7 +37,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--e-step", default="inference")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--train", action="store_true", help="really train, with the global batch size fixed")
     args = parser.parse_args()
+    if args.train:
+        train(args)
+        return
 
     L.seed_everything(0)
     # 4000-sample pool, 401 validation: an odd training split (3599) and an odd validation split, so the
@@ -63,6 +67,29 @@ def main() -> None:
         "val_acc_clean": trainer.callback_metrics["val/acc_clean"].item(),
         "validation_count_per_epoch": validation_count.item() / 2,
         "val_size": len(datamodule.val_indices),
+    }
+    torch.save(result, f"{args.out}.rank{trainer.global_rank}")
+
+
+def train(args: argparse.Namespace) -> None:
+    """EM training with a global batch of 128 split over the ranks: 3600 training samples, so no padding."""
+    L.seed_everything(0)
+    datamodule = NoisyLabelDataModule(
+        noise_type="pair_flip", noise_rate=0.3, val_fraction=0.1, batch_size=128 // args.devices
+    )
+    model = NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[64]), lr=2e-3)
+    callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, hold_initial_rounds=1)
+    trainer = quiet_trainer(
+        devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_epochs=4, callbacks=[callback]
+    )
+    trainer.fit(model, datamodule)
+    fit_metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
+    test_accuracy = trainer.test(model, datamodule, verbose=False)[0]["test/acc"]
+    result = {
+        "noisy_labels": datamodule.train_noisy_labels,
+        "history": callback.noise_matrix_history,
+        "fit_metrics": fit_metrics,
+        "test_acc": test_accuracy,
     }
     torch.save(result, f"{args.out}.rank{trainer.global_rank}")
 

@@ -38,3 +38,37 @@ def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
     markdown = stem.with_suffix(".md").read_text()
     assert "| symmetric 50% | 1 |" in markdown
     assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
+
+
+def test_speed_script_writes_its_tables(tmp_path: Path, mnist_dir: Path) -> None:
+    stem = tmp_path / "speed"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "speed.py"),
+        "--data-dir",
+        str(mnist_dir),
+        "--batch-sizes",
+        "4096",
+        "--rounds",
+        "1",
+        "--epochs",
+        "2",
+        "--tiles",
+        "2",
+        "--skip",
+        "torchvision",
+        "ours_em_train_pass",
+        "--out",
+        str(stem),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with stem.with_suffix(".csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["contender"] for row in rows] == ["bare", "ours_ce", "ours_em"]
+    assert all(float(row["median_epoch_s"]) > 0 for row in rows)
+    markdown = stem.with_suffix(".md").read_text()
+    assert "| 4096 | ours_em |" in markdown
+    assert "| 2x | 108,000 | ours_em |" in markdown
+    assert "No GPU was lent" in markdown
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"

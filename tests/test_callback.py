@@ -24,6 +24,8 @@ def test_schedule() -> None:
         ({"convergence_tol": 0.0}, "convergence_tol must be > 0"),
         ({"noise_matrix_from": "test"}, "noise_matrix_from must be 'train' or 'validation'"),
         ({"noise_matrix_from": "validation", "e_step": "train_pass"}, "needs e_step='inference'"),
+        ({"initialisation": "uniform"}, "initialisation must be 'hard_confusion' or 'soft_confusion'"),
+        ({"hold_initial_rounds": -1}, "hold_initial_rounds must be an integer >= 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
@@ -38,11 +40,11 @@ def test_callback_refuses_the_ce_method() -> None:
 
 
 def test_first_round_with_frozen_weights_matches_the_pure_functions() -> None:
-    """The callback's first round equals init + E-step + M-step computed by hand from the same network."""
+    """The callback's first round equals the paper's init + E-step + M-step computed by hand from the same net."""
     L.seed_everything(0)
     datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, batch_size=512)
     model = FrozenClassifier(method="em")
-    callback = EMNoiseEstimation(warmup_epochs=1)
+    callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, initialisation="soft_confusion")
     quiet_trainer(callbacks=[callback]).fit(model, datamodule)
 
     index = datamodule.train_indices
@@ -90,12 +92,52 @@ def test_train_pass_e_step_runs_and_uses_every_training_sample() -> None:
     assert torch.allclose(rows.sum(dim=1), torch.ones(len(rows)), atol=1e-5)
 
 
-def test_convergence_stop() -> None:
+@pytest.mark.parametrize("hold", [0, 2])
+def test_convergence_stop(hold: int) -> None:
     L.seed_everything(0)
-    callback = EMNoiseEstimation(warmup_epochs=1, convergence_tol=1.0)  # any change is below 1
+    # Any change is below 1, so the second round that updates theta stops the run; held rounds do not count.
+    callback = EMNoiseEstimation(warmup_epochs=1, convergence_tol=1.0, hold_initial_rounds=hold)
     trainer = quiet_trainer(max_epochs=10, callbacks=[callback])
     trainer.fit(FrozenClassifier(method="em"), NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3))
-    assert trainer.current_epoch == 2 and callback.rounds == 2
+    assert callback.rounds == hold + 2 and trainer.current_epoch == hold + 2
+
+
+def test_held_rounds_keep_the_initialisation_then_the_m_step_starts() -> None:
+    """Rounds 1..hold use the initial theta for the posteriors and leave it unchanged; round hold+1 updates it."""
+    L.seed_everything(0)
+    datamodule = NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3, batch_size=512)
+    model = FrozenClassifier(method="em")
+    callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=2)
+    quiet_trainer(max_epochs=4, callbacks=[callback]).fit(model, datamodule)
+
+    initial = callback.initial_noise_matrix.float()
+    assert len(callback.noise_matrix_history) == 4
+    assert torch.equal(callback.noise_matrix_history[0], initial)
+    assert torch.equal(callback.noise_matrix_history[1], initial)
+    index = datamodule.train_indices
+    with torch.no_grad():
+        model.eval()
+        probabilities = torch.softmax(model(datamodule.pool_images[index]), dim=1)
+    noisy = datamodule.train_noisy_labels[index]
+    expected = em_math.estimate_noise_matrix(em_math.posterior(probabilities.log(), initial, noisy), noisy, 10)
+    torch.testing.assert_close(callback.noise_matrix_history[2].double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("initialisation", ["soft_confusion", "hard_confusion"])
+def test_initialisation_choice_reaches_the_callback(initialisation: str) -> None:
+    L.seed_everything(0)
+    datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, batch_size=512)
+    model = FrozenClassifier(method="em")
+    callback = EMNoiseEstimation(warmup_epochs=1, initialisation=initialisation)
+    quiet_trainer(callbacks=[callback]).fit(model, datamodule)
+    index = datamodule.train_indices
+    with torch.no_grad():
+        model.eval()
+        probabilities = torch.softmax(model(datamodule.pool_images[index]), dim=1)
+    expected = em_math.initial_noise_matrix(
+        probabilities, datamodule.train_noisy_labels[index], 10, hard=initialisation == "hard_confusion"
+    )
+    torch.testing.assert_close(callback.initial_noise_matrix, expected, rtol=0, atol=1e-6)
 
 
 def test_frozen_noise_matrix_stays_fixed() -> None:

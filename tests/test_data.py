@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from noisy_lightning.data import BatchedTensorDataset, NoisyLabelDataModule, collate_batch, locate_idx_files
+from noisy_lightning.data import NoisyLabelDataModule, locate_idx_files
 from noisy_lightning.idx import read_idx, write_idx
 
 
@@ -111,7 +111,6 @@ def test_labels_outside_the_class_range(tmp_path: Path) -> None:
         ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"batch_size": -5}, "batch_size must be a positive integer"),
-        ({"num_workers": -1}, "num_workers must be an integer >= 0"),
         ({"noise_type": "custom", "transition_matrix": [[0.5, 0.5], [0.5, 0.5]]}, r"expected shape \(10, 10\)"),
         ({"noise_type": "custom", "transition_matrix": [[0.9] * 10] * 10}, "rows must sum to 1"),
     ],
@@ -177,13 +176,6 @@ def test_same_seed_same_labels_and_split_other_seed_differs() -> None:
     assert torch.equal(first.val_indices, again.val_indices)
     assert not torch.equal(first.train_noisy_labels, other_seed.train_noisy_labels)
     assert not torch.equal(first.val_indices, other_seed.val_indices)
-
-
-def test_batched_dataset_serves_a_batch_in_one_call() -> None:
-    dataset = BatchedTensorDataset(torch.arange(10).float(), torch.arange(10) * 2)
-    x, y = collate_batch(dataset.__getitems__([3, 1]))
-    assert x.tolist() == [3.0, 1.0] and y.tolist() == [6, 2]
-    assert len(dataset) == 10 and dataset[4][1].item() == 8
 
 
 def test_full_mnist_loads(mnist_dir: Path) -> None:

@@ -100,3 +100,18 @@ def test_recovery_and_flip_precision_recall() -> None:
     precision, recall = em.flip_precision_recall(probs, noisy, clean)
     assert precision == pytest.approx(2 / 3)
     assert recall == pytest.approx(1.0)
+
+
+def test_hard_initialisation_recovers_t_from_a_network_that_learnt_the_noisy_labels() -> None:
+    """A warmed-up network outputs p(z | x) = T[y, :]; the hard statistic gives T, the soft one smears it."""
+    truth = noise.pair_flip(5, 0.45).double()
+    clean = torch.arange(5).repeat_interleave(20_000)
+    noisy = noise.corrupt_labels(clean, truth, seed=0)
+    network = truth[clean]  # the best a network trained on noisy labels can do
+    hard = em.initial_noise_matrix(network, noisy.noisy_labels, 5, hard=True)
+    soft = em.initial_noise_matrix(network, noisy.noisy_labels, 5, hard=False)
+    torch.testing.assert_close(hard, noisy.realised_transition_matrix, rtol=0, atol=1e-12)
+    assert em.noise_matrix_error(hard, truth) < 0.02
+    # soft: about (0.55^2 + 0.45^2) on the diagonal and ~0.25 on both neighbours
+    assert em.noise_matrix_error(soft, truth) > 0.4
+    assert abs(soft[0, 0].item() - 0.505) < 0.01 and abs(soft[1, 0].item() - 0.2475) < 0.01

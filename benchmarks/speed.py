@@ -1,0 +1,467 @@
+"""Speed benchmark: our Lightning epoch against a bare PyTorch loop and the usual torchvision pipeline.
+
+    NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/speed.py            # CPU table + scale + memory
+    NOISY_LIGHTNING_DATA=... python benchmarks/speed.py --accelerator gpu        # the same on a GPU
+
+Contenders, all with the same 784-500-10 MLP, Adam, full MNIST (54,000 training digits after the 10% validation
+split; the bare loop and the torchvision pipeline get the same 54,000) and the same batch size, on one device:
+
+1. ``bare``: a hand-written loop over tensors already in memory (``randperm``, index, forward, backward, step);
+2. ``torchvision``: the usual recipe, ``torchvision.datasets.MNIST`` with ``ToTensor``/``Normalize`` through a
+   default ``DataLoader`` into a plain ``LightningModule``;
+3. ``ours_ce``: ``NoisyLabelClassifier(method="ce")`` + ``NoisyLabelDataModule`` under ``Trainer.fit``;
+4. ``ours_em``: the same with ``method="em"``; every measured epoch ends with an EM round (inference E-step over
+   the training split, theta M-step) and trains on online posteriors;
+5. ``ours_em_train_pass``: EM with ``e_step="train_pass"``, which reuses the training step's outputs instead of
+   an extra forward pass over the training split.
+
+The contenders are interleaved in one process, round after round, so that the machine's noise hits all alike;
+each reported epoch time is the median over the measured epochs (the first epoch of every run is a warm-up and
+is not measured). The Trainers run without validation, logger, checkpointing or progress bar, so the epoch is the
+training loop itself (plus, for EM, its E-step). Peak resident memory is measured per contender in a fresh
+subprocess (``ru_maxrss`` after one epoch). Results go to ``benchmarks/results/speed.md`` and ``speed.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
+
+RESULTS = Path(__file__).parent / "results"
+HIDDEN = [500]
+FEATURES, CLASSES = 784, 10
+CONTENDERS = ("bare", "torchvision", "ours_ce", "ours_em", "ours_em_train_pass")
+
+
+# ---- the network and the FLOP floor -------------------------------------------------------------------------------
+def make_net() -> nn.Module:
+    return MLP(FEATURES, HIDDEN, CLASSES)
+
+
+def flops_per_sample() -> int:
+    """Forward 2*sum(in*out) multiply-adds, backward twice that (input and weight gradients)."""
+    sizes = [FEATURES, *HIDDEN, CLASSES]
+    forward = sum(2 * a * b for a, b in itertools.pairwise(sizes))
+    return 3 * forward
+
+
+def matmul_rate(device: torch.device, batch_size: int, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of the layer's own matrix product shape ``[B, 784] @ [784, 500]``."""
+    a = torch.randn(batch_size, FEATURES, device=device)
+    b = torch.randn(FEATURES, HIDDEN[0], device=device)
+    for _ in range(5):
+        a @ b
+    synchronize(device)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(20):
+            a @ b
+        count += 20
+        synchronize(device)
+    return count * 2 * batch_size * FEATURES * HIDDEN[0] / (time.perf_counter() - started)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+class TiledDataModule(NoisyLabelDataModule):
+    """``NoisyLabelDataModule`` whose training pool is repeated ``tile`` times (for the scale measurements)."""
+
+    def __init__(self, tile: int = 1, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.tile = tile
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._is_set_up:
+            return
+        super().setup(stage)
+        if self.tile == 1:
+            return
+        size = self.pool_size
+
+        def tiled_indices(indices: torch.Tensor) -> torch.Tensor:
+            # copy k of sample i is pool row i + k * size
+            return torch.cat([indices + copy * size for copy in range(self.tile)])
+
+        self.pool_images = self.pool_images.repeat(self.tile, 1)
+        self.train_noisy_labels = self.train_noisy_labels.repeat(self.tile)
+        self.train_clean_labels = self.train_clean_labels.repeat(self.tile)
+        self.train_indices = tiled_indices(self.train_indices)
+        self.val_indices = tiled_indices(self.val_indices)
+
+
+def build_datamodule(data_dir: str, batch_size: int, tile: int = 1) -> TiledDataModule:
+    datamodule = TiledDataModule(tile=tile, dataset="mnist", data_dir=data_dir, batch_size=batch_size)
+    datamodule.setup("fit")
+    return datamodule
+
+
+# ---- contenders ---------------------------------------------------------------------------------------------------
+class EpochTimer(L.Callback):
+    """Wall time from one training epoch's start to the next one's (so epoch-end work such as EM counts)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.starts: list[float] = []
+        self.end = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(self.device)
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(self.device)
+        self.end = time.perf_counter()
+
+    def epoch_times(self) -> list[float]:
+        marks = [*self.starts, self.end]
+        return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def trainer_for(args: argparse.Namespace, epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
+    return L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_epochs=epochs,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def run_ours(
+    args: argparse.Namespace, method: str, batch_size: int, epochs: int, tile: int = 1, e_step: str = "inference"
+) -> list[float]:
+    datamodule = build_datamodule(args.data_dir, batch_size, tile)
+    model = NoisyLabelClassifier(net=make_net(), method=method)
+    timer = EpochTimer(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
+    callbacks: list[L.Callback] = [timer]
+    if method == "em":
+        # warm-up of 1 and no held rounds: every measured epoch pays for a full EM round
+        callbacks.insert(0, EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, e_step=e_step))
+    trainer_for(args, epochs, callbacks).fit(model, datamodule)
+    return timer.epoch_times()[1:]
+
+
+def run_bare(args: argparse.Namespace, batch_size: int, epochs: int) -> list[float]:
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    datamodule = build_datamodule(args.data_dir, batch_size)
+    images = datamodule.pool_images[datamodule.train_indices].to(device)
+    labels = datamodule.train_noisy_labels[datamodule.train_indices].to(device)
+    net = make_net().to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    times = []
+    for _ in range(epochs):
+        synchronize(device)
+        started = time.perf_counter()
+        for index in torch.randperm(len(labels), device=device).split(batch_size):
+            loss = F.cross_entropy(net(images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times[1:]
+
+
+class PlainClassifier(L.LightningModule):
+    """What a Lightning MNIST example looks like: a net, cross-entropy, Adam."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_net()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x.flatten(1)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def run_torchvision(args: argparse.Namespace, batch_size: int, epochs: int) -> list[float]:
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    dataset = datasets.MNIST(args.data_dir, train=True, transform=transform)
+    train = Subset(dataset, build_datamodule(args.data_dir, batch_size).train_indices.tolist())
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True)
+    timer = EpochTimer(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
+    trainer_for(args, epochs, [timer]).fit(PlainClassifier(), loader)
+    return timer.epoch_times()[1:]
+
+
+def run_contender(args: argparse.Namespace, name: str, batch_size: int, epochs: int) -> list[float]:
+    runners: dict[str, Callable[[], list[float]]] = {
+        "bare": lambda: run_bare(args, batch_size, epochs),
+        "torchvision": lambda: run_torchvision(args, batch_size, epochs),
+        "ours_ce": lambda: run_ours(args, "ce", batch_size, epochs),
+        "ours_em": lambda: run_ours(args, "em", batch_size, epochs),
+        "ours_em_train_pass": lambda: run_ours(args, "em", batch_size, epochs, e_step="train_pass"),
+    }
+    return runners[name]()
+
+
+# ---- memory, each in its own process -------------------------------------------------------------------------------
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: ``VmHWM`` (not ``ru_maxrss``, which a child inherits from its parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_in_subprocess(args: argparse.Namespace, name: str, batch_size: int, tile: int) -> dict[str, float]:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        json.dumps({"name": name, "batch_size": batch_size, "tile": tile}),
+        "--data-dir",
+        args.data_dir,
+        "--accelerator",
+        args.accelerator,
+        "--precision",
+        args.precision,
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory run of {name} (tile {tile}) failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def child(args: argparse.Namespace) -> None:
+    spec = json.loads(args.child)
+    name, batch_size, tile = spec["name"], spec["batch_size"], spec["tile"]
+    if tile == 1:
+        times = run_contender(args, name, batch_size, epochs=2)
+    else:
+        times = run_ours(args, name.removeprefix("ours_"), batch_size, epochs=2, tile=tile)
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "epoch_seconds": times[-1]}))
+
+
+# ---- report -------------------------------------------------------------------------------------------------------
+def machine_description(args: argparse.Namespace) -> str:
+    if args.accelerator == "gpu":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical CPUs), "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {L.__version__}"
+    )
+
+
+def atomic_write(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("NOISY_LIGHTNING_DATA", "./data"))
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 128])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per batch size")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is not measured)")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (e.g. torchvision)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_float32_matmul_precision("high")
+    if args.child:
+        child(args)
+        return
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--accelerator gpu: no CUDA device is visible")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    contenders = [name for name in CONTENDERS if name not in args.skip]
+    build_datamodule(args.data_dir, 512)  # fail early, with the data module's message, when MNIST is missing
+
+    rows: list[dict[str, object]] = []
+    samples = 54_000
+    for batch_size in args.batch_sizes:
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for round_index in range(args.rounds):
+            for name in contenders:
+                # the torchvision pipeline is ~10x slower: one measured epoch per round is plenty
+                epochs = 2 if name == "torchvision" else args.epochs
+                times[name] += run_contender(args, name, batch_size, epochs)
+                print(f"batch {batch_size} round {round_index} {name}: {times[name][-1]:.3f} s", flush=True)
+        for name in contenders:
+            median = statistics.median(times[name])
+            rows.append(
+                {
+                    "batch_size": batch_size,
+                    "contender": name,
+                    "median_epoch_s": median,
+                    "samples_per_s": samples / median,
+                    "epochs_measured": len(times[name]),
+                    "all_epochs_s": " ".join(f"{t:.3f}" for t in times[name]),
+                }
+            )
+    floor_rate = matmul_rate(device, 512)
+    floor_seconds = flops_per_sample() * samples / floor_rate
+
+    memory = {}
+    for name in contenders:
+        memory[name] = measure_in_subprocess(args, name, 512, 1)["peak_rss_mib"]
+    scale = []
+    for tile in args.tiles:
+        for method in ("ours_ce", "ours_em"):
+            result = measure_in_subprocess(args, method, 512, tile)
+            scale.append({"tile": tile, "contender": method, "samples": samples * tile, **result})
+            print(f"tile {tile} {method}: {result}", flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(handle.name, args.out.with_suffix(".csv"))
+    atomic_write(
+        args.out.with_suffix(".md"),
+        report(args, rows, memory, scale, floor_rate, floor_seconds, machine_description(args)),
+    )
+    print(args.out.with_suffix(".md").read_text())
+
+
+def report(
+    args: argparse.Namespace,
+    rows: list[dict[str, object]],
+    memory: dict[str, float],
+    scale: list[dict[str, object]],
+    floor_rate: float,
+    floor_seconds: float,
+    machine: str,
+) -> str:
+    def median(batch_size: int, name: str) -> float | None:
+        for row in rows:
+            if row["batch_size"] == batch_size and row["contender"] == name:
+                return float(row["median_epoch_s"])
+        return None
+
+    def ratio(batch_size: int, top: str, bottom: str) -> str:
+        a, b = median(batch_size, top), median(batch_size, bottom)
+        return "-" if a is None or b is None else f"{a / b:.2f}"
+
+    lines = [
+        f"# Speed: one epoch of full MNIST ({args.accelerator}, {args.precision})",
+        "",
+        f"Machine: {machine}.",
+        "",
+        "Command: `NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/speed.py"
+        + (" --accelerator gpu" if args.accelerator == "gpu" else "")
+        + "`",
+        "",
+        "784-500-10 MLP, Adam, 54,000 training digits, no validation during the timed epochs. Median epoch time "
+        f"over {args.rounds} interleaved rounds (first epoch of each run not measured).",
+        "",
+        "| batch | contender | median epoch (s) | samples/s | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rss = memory.get(str(row["contender"])) if row["batch_size"] == 512 else None
+        lines.append(
+            f"| {row['batch_size']} | {row['contender']} | {float(row['median_epoch_s']):.3f} | "
+            f"{float(row['samples_per_s']):,.0f} | {'-' if rss is None else f'{rss:,.0f}'} |"
+        )
+    lines += [
+        "",
+        "Ratios (targets: ours_ce/bare <= 1.15 at batch 512 and <= 1.25 at 128; ours_em/ours_ce <= 1.3; "
+        "torchvision/ours_ce >= 10):",
+        "",
+        "| batch | ours_ce / bare | ours_em / ours_ce | ours_em_train_pass / ours_ce | torchvision / ours_ce |",
+        "|---|---|---|---|---|",
+    ]
+    for batch_size in args.batch_sizes:
+        lines.append(
+            f"| {batch_size} | {ratio(batch_size, 'ours_ce', 'bare')} | {ratio(batch_size, 'ours_em', 'ours_ce')} | "
+            f"{ratio(batch_size, 'ours_em_train_pass', 'ours_ce')} | {ratio(batch_size, 'torchvision', 'ours_ce')} |"
+        )
+    ours_512 = median(512, "ours_ce")
+    lines += [
+        "",
+        f"FLOP floor: {flops_per_sample() * 54_000 / 1e9:.0f} GFLOP per epoch (forward + backward) at the measured "
+        f"{floor_rate / 1e9:.0f} GFLOP/s of a `[512, 784] @ [784, 500]` product = {floor_seconds:.2f} s; "
+        + (f"ours_ce at batch 512 is {ours_512 / floor_seconds:.2f}x the floor (target <= 1.6x)." if ours_512 else ""),
+        "",
+        "## Scale: the training pool tiled 1x, 4x, 16x (batch 512, one epoch each, fresh process each)",
+        "",
+        "| tile | samples | contender | epoch (s) | s per 100k samples | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in scale:
+        per_100k = float(entry["epoch_seconds"]) / (int(entry["samples"]) / 1e5)
+        lines.append(
+            f"| {entry['tile']}x | {int(entry['samples']):,} | {entry['contender']} | "
+            f"{float(entry['epoch_seconds']):.2f} | {per_100k:.2f} | {float(entry['peak_rss_mib']):,.0f} |"
+        )
+    em_points = [(int(e["samples"]) * 10 / 9, float(e["peak_rss_mib"])) for e in scale if e["contender"] == "ours_em"]
+    if len(em_points) >= 2 and em_points[-1][1] > em_points[0][1]:
+        (n0, m0), (n1, m1) = em_points[0], em_points[-1]
+        slope = (m1 - m0) / (n1 - n0)  # MiB per pool sample
+        intercept = m0 - slope * n0
+        largest = (24 * 1024 - intercept) / slope
+        lines += [
+            "",
+            f"Memory grows by {slope * 1024 * 1024:,.0f} bytes per pool sample with EM (a line through the "
+            f"{args.tiles[0]}x and {args.tiles[-1]}x points; intercept {intercept:,.0f} MiB): the float32 "
+            "image (3,136 bytes), its copy in the training split, labels and indices, and the N x K posterior "
+            "table and E-step sums. Nothing is N x N. Extrapolated, the largest pool that fits in 24 GiB of RAM "
+            f"is about {largest / 1e6:.1f} million MNIST-sized samples.",
+        ]
+    if args.accelerator == "cpu":
+        lines += [
+            "",
+            "## GPU",
+            "",
+            "No GPU was lent to the session that produced this file, so there is no GPU row: run "
+            "`python benchmarks/speed.py --accelerator gpu` on a machine with one.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Kill a real training process, resume it from its last checkpoint, and compare with a run never interrupted.
+
+Each run is a subprocess (tests/resume_worker.py) that trains EM on the shipped sample with dropout, batched
+shifts, a cosine schedule and a checkpoint after every step. The interrupted run is killed with SIGKILL at the
+start of a chosen batch, so nothing is flushed on the way out. On the CPU the resumed run must end bit for bit
+where the uninterrupted one ends: the same theta, EM history, posteriors, weights, optimiser state and metrics.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).parent / "resume_worker.py"
+
+
+def run_worker(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def load(out: Path) -> dict:
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    results = {}
+    for e_step in ("inference", "train_pass"):
+        out = tmp_path_factory.mktemp(f"uninterrupted-{e_step}")
+        completed = run_worker(out, "--e-step", e_step)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        results[e_step] = load(out)
+    return results
+
+
+def assert_same_run(resumed: dict, reference: dict) -> None:
+    assert resumed["global_step"] == reference["global_step"]
+    assert torch.equal(resumed["noisy_labels"], reference["noisy_labels"])
+    assert torch.equal(resumed["val_indices"], reference["val_indices"])
+    assert resumed["rounds"] == reference["rounds"]
+    for theta, reference_theta in zip(resumed["history"], reference["history"], strict=True):
+        torch.testing.assert_close(theta, reference_theta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed["noise_matrix"], reference["noise_matrix"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed["posteriors"], reference["posteriors"], rtol=0, atol=1e-6)
+    for name, weight in reference["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], weight, rtol=0, atol=1e-6)
+    for state, reference_state in zip(
+        resumed["optimizer"]["state"].values(), reference["optimizer"]["state"].values(), strict=True
+    ):
+        torch.testing.assert_close(state["exp_avg_sq"], reference_state["exp_avg_sq"], rtol=0, atol=1e-9)
+    assert resumed["fit_metrics"] == pytest.approx(reference["fit_metrics"], abs=1e-6)
+    assert resumed["test_acc"] == pytest.approx(reference["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("e_step", "kill_at"),
+    [
+        ("inference", "2:5"),  # mid-epoch, while training on the posteriors
+        ("inference", "3:0"),  # between EM rounds: the last checkpoint precedes the round at the end of epoch 2
+        ("train_pass", "2:5"),  # mid-epoch with half-collected E-step sums
+        ("train_pass", "3:0"),
+    ],
+)
+def test_killed_run_resumes_to_the_same_end(
+    tmp_path: Path, uninterrupted: dict[str, dict], e_step: str, kill_at: str
+) -> None:
+    killed = run_worker(tmp_path, "--e-step", e_step, "--kill-at", kill_at)
+    assert killed.returncode == -signal.SIGKILL, "the worker was meant to die by SIGKILL"
+    assert not (tmp_path / "result.pt").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+    resumed = run_worker(tmp_path, "--e-step", e_step, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+    assert_same_run(load(tmp_path), uninterrupted[e_step])
