@@ -66,7 +66,10 @@ def test_em_on_the_sample_improves_theta_over_its_initialisation(em_targets: str
     L.seed_everything(0)
     datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, batch_size=128, seed=1)
     model = NoisyLabelClassifier(method="em", net=MLP(dropout=0.5), augment_shift=2, em_targets=em_targets)
-    callback = EMNoiseEstimation(warmup_epochs=3)
+    # Stored targets are the paper's literal EM: test them with the paper's soft initialisation. (From the sharper
+    # hard initialisation they memorise their way back to a worse theta; benchmarks/results/ reports that variant.)
+    initialisation = "soft_confusion" if em_targets == "stored" else "hard_confusion"
+    callback = EMNoiseEstimation(warmup_epochs=3, initialisation=initialisation)
     trainer = quiet_trainer(max_epochs=8, callbacks=[callback])
     trainer.fit(model, datamodule)
     truth = datamodule.true_transition_matrix
