@@ -8,24 +8,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, *arguments: str, timeout: int) -> None:
+    """Run ``benchmarks/<script>`` with ``arguments`` in a fresh interpreter; fail with its stderr if it fails."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *arguments]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
 def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
     stem = tmp_path / "quality"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "quality.py"),
-        "--dataset",
-        "mnist_sample",
-        "--seeds",
-        "0",
-        "--rows",
-        "symmetric 50%",
-        "--epochs",
-        "3",
-        "--out",
-        str(stem),
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_benchmark(
+        "quality.py",
+        *("--dataset", "mnist_sample", "--seeds", "0", "--rows", "symmetric 50%", "--epochs", "3"),
+        *("--out", str(stem)),
+        timeout=300,
+    )
     with stem.with_suffix(".csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["row"], r["recipe"]) for r in rows] == [
@@ -42,27 +39,12 @@ def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
 
 def test_speed_script_writes_its_tables(tmp_path: Path, mnist_dir: Path) -> None:
     stem = tmp_path / "speed"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "speed.py"),
-        "--data-dir",
-        str(mnist_dir),
-        "--batch-sizes",
-        "4096",
-        "--rounds",
-        "1",
-        "--epochs",
-        "2",
-        "--tiles",
-        "2",
-        "--skip",
-        "torchvision",
-        "ours_em_train_pass",
-        "--out",
-        str(stem),
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_benchmark(
+        "speed.py",
+        *("--data-dir", str(mnist_dir), "--batch-sizes", "4096", "--rounds", "1", "--epochs", "2", "--tiles", "2"),
+        *("--skip", "torchvision", "ours_em_train_pass", "--out", str(stem)),
+        timeout=600,
+    )
     with stem.with_suffix(".csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [row["contender"] for row in rows] == ["bare", "ours_ce", "ours_em"]
