@@ -19,7 +19,7 @@ def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
     stem = tmp_path / "quality"
     run_benchmark(
         "quality.py",
-        *("--dataset", "mnist_sample", "--seeds", "0", "--rows", "symmetric 50%", "--epochs", "3"),
+        *("--dataset", "mnist_sample", "--seeds", "0", "--rows", "symmetric 50%", "--epochs", "8"),
         *("--out", str(stem)),
         timeout=300,
     )

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -225,3 +226,15 @@ def test_resuming_with_another_noise_configuration_fails_loudly(tmp_path: Path) 
     other_seed = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3, seed=5)
     with pytest.raises(ValueError, match="different data configuration: seed"):
         quiet_trainer(max_epochs=2, default_root_dir=tmp_path).fit(NoisyLabelClassifier(), other_seed, ckpt_path=path)
+
+
+@pytest.mark.parametrize(("max_epochs", "warns"), [(1, True), (2, False)])
+def test_warns_when_the_fit_ends_before_the_first_round(max_epochs: int, warns: bool) -> None:
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[EMNoiseEstimation(warmup_epochs=2)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(NoisyLabelClassifier(method="em"), NoisyLabelDataModule())
+    messages = [str(warning.message) for warning in caught if "stops before it" in str(warning.message)]
+    assert bool(messages) == warns
+    if warns:
+        assert "warmup_epochs=2" in messages[0] and "max_epochs=1" in messages[0]
