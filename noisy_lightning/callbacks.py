@@ -46,12 +46,11 @@ class EMNoiseEstimation(L.Callback):
     the network can settle on the swapped labels; the hard one starts from T itself.
 
     Both need the warm-up network to rank the classes right (``argmax p(z | x) = y``), which under a 45% flip
-    means resolving 0.55 against 0.45. After 2 epochs with dropout and shifts it often does not (clean accuracy
-    0.65-0.75 in our runs), and a class or a chain of classes then settles one place off (78.6% test on a
-    pair-flip seed). The default warm-up is therefore 6 epochs. On MNIST (``benchmarks/results/em_variants.md``,
-    6 seeds) it fixed pair-flip 45% on every seed (98.4-98.6%, theta error 0.01), and permutation 46% on 4 seeds
-    of 6 (one ended at 86.8%). Shorten it only for networks that fit the noisy labels faster than an MLP with
-    dropout does.
+    means resolving 0.55 against 0.45. After 2 epochs with dropout and shifts it often does not, and a class or
+    a chain of classes then settles one place off (78.6% test on a pair-flip seed). The default warm-up is
+    therefore 6 epochs. On MNIST (``benchmarks/results/em_variants.md``, 6 seeds) it fixed pair-flip 45% on
+    every seed (98.4-98.6%, theta error 0.01), and permutation 46% on 4 seeds of 6 (one ended at 86.8%).
+    Shorten it only for networks that fit the noisy labels faster than an MLP with dropout does.
 
     Args:
         warmup_epochs: epochs of plain cross-entropy on the noisy labels before the first EM round (>= 1; see above

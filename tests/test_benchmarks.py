@@ -8,23 +8,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(script: str, *arguments: str, timeout: int) -> None:
-    """Run ``benchmarks/<script>`` with ``arguments`` in a fresh interpreter; fail with its stderr if it fails."""
-    command = [sys.executable, str(ROOT / "benchmarks" / script), *arguments]
+def run_benchmark(script: str, stem: Path, *arguments: str, timeout: int) -> list[dict[str, str]]:
+    """Run ``benchmarks/<script> ... --out stem`` in a fresh interpreter and return the rows of ``stem.csv``.
+
+    Fails with the script's stderr if it fails.
+    """
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *arguments, "--out", str(stem)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    with stem.with_suffix(".csv").open() as handle:
+        return list(csv.DictReader(handle))
 
 
 def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
     stem = tmp_path / "quality"
-    run_benchmark(
+    rows = run_benchmark(
         "quality.py",
+        stem,
         *("--dataset", "mnist_sample", "--seeds", "0", "--rows", "symmetric 50%", "--epochs", "8"),
-        *("--out", str(stem)),
         timeout=300,
     )
-    with stem.with_suffix(".csv").open() as handle:
-        rows = list(csv.DictReader(handle))
     assert [(r["row"], r["recipe"]) for r in rows] == [
         ("clean", "ce"),
         ("symmetric 50%", "ce"),
@@ -39,14 +42,13 @@ def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
 
 def test_speed_script_writes_its_tables(tmp_path: Path, mnist_dir: Path) -> None:
     stem = tmp_path / "speed"
-    run_benchmark(
+    rows = run_benchmark(
         "speed.py",
+        stem,
         *("--data-dir", str(mnist_dir), "--batch-sizes", "4096", "--rounds", "1", "--epochs", "2", "--tiles", "2"),
-        *("--skip", "torchvision", "ours_em_train_pass", "--out", str(stem)),
+        *("--skip", "torchvision", "ours_em_train_pass"),
         timeout=600,
     )
-    with stem.with_suffix(".csv").open() as handle:
-        rows = list(csv.DictReader(handle))
     assert [row["contender"] for row in rows] == ["bare", "ours_ce", "ours_em"]
     assert all(float(row["median_epoch_s"]) > 0 for row in rows)
     markdown = stem.with_suffix(".md").read_text()
