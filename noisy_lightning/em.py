@@ -20,7 +20,9 @@ ranks ``all_reduce(sum)`` it; nothing here imports Lightning or ``torch.distribu
 
 Initialisation (the paper's): after a warm-up on the noisy labels, ``theta`` is the row-normalised *soft*
 confusion matrix between the network's predictions and the noisy labels, i.e. :func:`noise_statistics`
-with ``c = p(y | x; w)`` in place of the posteriors.
+with ``c = p(y | x; w)`` in place of the posteriors. :func:`initial_noise_matrix` also offers the *hard* version
+(from class assignments), and :func:`balanced_assignment` the class-balanced assignment that the library's
+default initialisation feeds it.
 """
 
 from __future__ import annotations
@@ -118,6 +120,65 @@ def initial_noise_matrix(class_probs: Tensor, noisy_labels: Tensor, num_classes:
     if hard:
         class_probs = torch.nn.functional.one_hot(class_probs.argmax(dim=1), num_classes)
     return normalise_rows(noise_statistics(class_probs, noisy_labels, num_classes))
+
+
+def balanced_assignment(
+    class_probs: Tensor,
+    class_frequencies: Tensor,
+    sharpness: float = 4.0,
+    max_iterations: int = 1000,
+    tolerance: float = 1e-4,
+) -> Tensor:
+    """Re-weight ``class_probs`` per class so that each class receives its share of the samples (Sinkhorn).
+
+    Returns ``q[t, i] = a_t * b_i * p(i | x_t) ** sharpness`` with the row scalings ``a`` and the class
+    scalings ``b`` chosen (Sinkhorn-Knopp) so that every row sums to 1 and every class's total mass is
+    ``N * class_frequencies[i]``. Raising to ``sharpness > 1`` first makes ``q`` close to a hard assignment
+    (``sharpness`` is the inverse of the entropic regularisation of the optimal-transport problem "give each
+    sample one class, give each class its count, maximise sum_t log p(y_t | x_t)").
+
+    Why it is used at the first EM round: a network warmed up on noisy labels estimates ``p(z | x)``, and where a
+    class flips into a partner at a rate near 50% (permutation or pair-flip 45%) the two outputs differ by
+    only a few hundredths. Its argmax is then close to a coin flip for some classes, and a class whose
+    images all lean toward the partner gets no sample at all: EM merges it into the partner and never separates
+    them again. The *ranking* of the samples by ``p(i | x) / p(partner | x)`` is learnt much earlier than that
+    threshold, and the balanced assignment uses only the ranking: the samples that lean most toward a class get
+    it, up to the class's frequency.
+
+    Args:
+        class_probs: ``N x K`` probabilities (rows sum to 1; zeros allowed).
+        class_frequencies: ``K`` non-negative target frequencies (normalised here), e.g. the noisy-label
+            frequencies, which equal the true ones when ``T`` is doubly stochastic and the classes are balanced.
+        sharpness: the power applied to ``class_probs`` before balancing (> 0; 1 balances the probabilities
+            themselves).
+        max_iterations: Sinkhorn iterations at most.
+        tolerance: stop when every class's mass is within ``tolerance`` (relative) of its target.
+
+    Returns:
+        ``N x K`` float64 tensor whose rows sum to 1. A class with target frequency 0 receives no mass.
+    """
+    if not sharpness > 0:
+        raise ValueError(f"sharpness must be > 0, got {sharpness!r}")
+    frequencies = class_frequencies.double().to(class_probs.device)
+    if frequencies.shape != (class_probs.shape[1],) or (frequencies < 0).any() or not frequencies.sum() > 0:
+        raise ValueError(
+            f"class_frequencies must be {class_probs.shape[1]} non-negative numbers with a positive sum, "
+            f"got shape {tuple(frequencies.shape)}"
+        )
+    wanted = frequencies > 0
+    log_target = (frequencies / frequencies.sum() * class_probs.shape[0]).log()  # log of each class's mass
+    # K x N, so that both reductions below run over a contiguous or an outer dimension (several times faster).
+    scores = class_probs.double().clamp_min(1e-30).log().t().contiguous() * sharpness
+    log_scaling = torch.where(wanted, 0.0, -torch.inf).to(scores).unsqueeze(1)  # log b_i; an empty class gets 0
+    for _ in range(max_iterations):
+        log_q = scores + log_scaling
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)  # rows of q (samples) sum to 1
+        log_mass = torch.logsumexp(log_q[wanted], dim=1)
+        step = log_target[wanted] - log_mass
+        if (step.exp() - 1).abs().max() <= tolerance:
+            break
+        log_scaling[wanted] += step.unsqueeze(1)
+    return log_q.exp().t().contiguous()
 
 
 def noise_matrix_error(estimate: Tensor, truth: Tensor) -> float:

@@ -25,7 +25,18 @@ def test_quality_script_writes_csv_and_markdown(tmp_path: Path) -> None:
     rows = run_benchmark(
         "quality.py",
         stem,
-        *("--dataset", "mnist_sample", "--seeds", "0", "--rows", "symmetric 50%", "--epochs", "8"),
+        *(
+            "--dataset",
+            "mnist_sample",
+            "--seeds",
+            "0",
+            "--rows",
+            "symmetric 50%",
+            "--epochs",
+            "8",
+            "--warmup-epochs",
+            "4",
+        ),
         timeout=300,
     )
     assert [(r["row"], r["recipe"]) for r in rows] == [

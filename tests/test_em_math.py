@@ -115,3 +115,55 @@ def test_hard_initialisation_recovers_t_from_a_network_that_learnt_the_noisy_lab
     # soft: about (0.55^2 + 0.45^2) on the diagonal and ~0.25 on both neighbours
     assert em.noise_matrix_error(soft, truth) > 0.4
     assert abs(soft[0, 0].item() - 0.505) < 0.01 and abs(soft[1, 0].item() - 0.2475) < 0.01
+
+
+def test_balanced_assignment_gives_each_class_its_mass() -> None:
+    probs = torch.softmax(torch.randn(2_000, 4, generator=torch.Generator().manual_seed(0)) * 3, dim=1)
+    frequencies = torch.tensor([1.0, 0.0, 2.0, 1.0])
+    assignment = em.balanced_assignment(probs, frequencies)
+    torch.testing.assert_close(assignment.sum(dim=1), torch.ones(2_000, dtype=torch.float64))
+    torch.testing.assert_close(
+        assignment.sum(dim=0), torch.tensor([500.0, 0.0, 1_000.0, 500.0]).double(), rtol=1e-4, atol=0
+    )
+    assert assignment[:, 1].max().item() == 0.0
+
+
+def test_balanced_assignment_of_identical_rows_is_the_class_frequencies() -> None:
+    # q[t, i] = a_t b_i p_i^s with identical rows: the only solution with these masses is q[t] = frequencies.
+    probs = torch.tensor([[0.7, 0.2, 0.1]]).repeat(300, 1)
+    assignment = em.balanced_assignment(probs, torch.tensor([0.2, 0.3, 0.5]))
+    torch.testing.assert_close(assignment, torch.tensor([[0.2, 0.3, 0.5]]).double().repeat(300, 1), rtol=0, atol=1e-4)
+
+
+def test_balanced_initialisation_separates_a_two_cycle_that_the_argmax_merges() -> None:
+    """Classes 1 and 2 swap 46% of their labels. The network ranks them right but prefers class 1 for both
+    (0.56 and 0.52), so its argmax never says 2: the hard initialisation has no row for class 2 and mixes both
+    into row 1. The balanced assignment uses the ranking only, and gives back the realised confusion exactly.
+    """
+    truth = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.54, 0.46], [0.0, 0.46, 0.54]], dtype=torch.float64)
+    clean = torch.arange(3).repeat_interleave(5_000)
+    corruption = noise.corrupt_labels(clean, truth, seed=0)
+    network = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.56, 0.44], [0.0, 0.52, 0.48]], dtype=torch.float64)[clean]
+    frequencies = torch.bincount(corruption.noisy_labels, minlength=3)
+    balanced = em.balanced_assignment(network, frequencies)
+    assert (balanced.argmax(dim=1) == clean).all()
+    theta = em.initial_noise_matrix(balanced, corruption.noisy_labels, 3, hard=True)
+    torch.testing.assert_close(theta, corruption.realised_transition_matrix.double(), rtol=0, atol=1e-12)
+    merged = em.initial_noise_matrix(network, corruption.noisy_labels, 3, hard=True)
+    assert merged[2].tolist() == [0.0, 0.0, 1.0]  # the empty row's identity fallback
+    assert em.noise_matrix_error(merged, truth) > 10 * em.noise_matrix_error(theta, truth)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sharpness": 0.0}, "sharpness must be > 0"),
+        ({"class_frequencies": torch.ones(4)}, "class_frequencies must be 3 non-negative numbers"),
+        ({"class_frequencies": torch.tensor([1.0, -1.0, 1.0])}, "class_frequencies must be 3 non-negative numbers"),
+        ({"class_frequencies": torch.zeros(3)}, "with a positive sum"),
+    ],
+)
+def test_balanced_assignment_rejects_bad_input(kwargs: dict, message: str) -> None:
+    arguments = {"class_probs": torch.full((5, 3), 1 / 3), "class_frequencies": torch.ones(3)} | kwargs
+    with pytest.raises(ValueError, match=message):
+        em.balanced_assignment(**arguments)

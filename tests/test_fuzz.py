@@ -111,3 +111,20 @@ def test_m_step_output_is_row_stochastic(
     for hard in (False, True):
         initial = em.initial_noise_matrix(log_probs.exp(), noisy, num_classes, hard=hard)
         torch.testing.assert_close(initial.sum(dim=1), torch.ones(num_classes, dtype=initial.dtype), rtol=0, atol=1e-9)
+
+
+@SETTINGS
+@given(inputs=e_step_inputs(), data=st.data())
+def test_balanced_assignment_rows_are_distributions(
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], data: st.DataObject
+) -> None:
+    log_probs, matrix, _ = inputs
+    num_classes = matrix.shape[0]
+    weights = data.draw(st.lists(st.integers(0, 5), min_size=num_classes, max_size=num_classes).filter(any))
+    frequencies = torch.tensor(weights, dtype=torch.float64)
+    assignment = em.balanced_assignment(log_probs.exp(), frequencies)
+    assert torch.isfinite(assignment).all() and (assignment >= 0).all()
+    torch.testing.assert_close(
+        assignment.sum(dim=1), torch.ones(len(log_probs), dtype=torch.float64), rtol=0, atol=1e-9
+    )
+    assert (assignment[:, frequencies == 0] == 0).all()
