@@ -59,8 +59,8 @@ class Recipe:
     em_targets: str = "online"
     e_step: str = "inference"
     noise_matrix_from: str = "train"
-    warmup_epochs: int = 10
-    initialisation: str = "balanced"
+    warmup_epochs: int = 6
+    initialisation: str = "hard_confusion"
     hold_initial_rounds: int = 3
 
 
@@ -74,7 +74,8 @@ NAIVE_EM = Recipe(dropout=0.0, augment_shift=0, lr_scheduler="none", em_targets=
 # balanced init and the longer warm-up. Rows are named by what they change, and a former default by its commit.
 NO_HOLD = {"hold_initial_rounds": 0}
 HARD_INIT = {"initialisation": "hard_confusion"}
-DEFAULT_AT_EB278D7 = Recipe(warmup_epochs=6, **HARD_INIT)
+DEFAULT_AT_EB278D7 = Recipe(warmup_epochs=6, **HARD_INIT)  # the default again (the balanced 10-epoch one was not)
+BALANCED_10 = Recipe(warmup_epochs=10, initialisation="balanced")
 
 
 def _changed(recipe: Recipe, **changes: object) -> Recipe:
@@ -137,7 +138,7 @@ VARIANTS: dict[str, tuple[str, float, Recipe]] = {
         0.45,
         DEFAULT_AT_EB278D7,
     ),
-    "pair-flip 45%: default (balanced init, 3 held rounds, 10-epoch warm-up)": ("pair_flip", 0.45, DEFAULT_EM),
+    "pair-flip 45%: balanced init, 3 held rounds, 10-epoch warm-up": ("pair_flip", 0.45, BALANCED_10),
     "permutation 46%: hard init, 3 held rounds, 2-epoch warm-up (default at b15928e)": (
         "permutation",
         0.46,
@@ -148,23 +149,24 @@ VARIANTS: dict[str, tuple[str, float, Recipe]] = {
         0.46,
         DEFAULT_AT_EB278D7,
     ),
-    "permutation 46%: balanced init, 6-epoch warm-up": ("permutation", 0.46, _changed(DEFAULT_EM, warmup_epochs=6)),
-    "permutation 46%: hard init, 10-epoch warm-up": ("permutation", 0.46, _changed(DEFAULT_EM, **HARD_INIT)),
-    "permutation 46%: default (balanced init, 3 held rounds, 10-epoch warm-up)": ("permutation", 0.46, DEFAULT_EM),
+    "permutation 46%: balanced init, 6-epoch warm-up": ("permutation", 0.46, _changed(BALANCED_10, warmup_epochs=6)),
+    "permutation 46%: hard init, 10-epoch warm-up": ("permutation", 0.46, _changed(BALANCED_10, **HARD_INIT)),
+    "permutation 46%: balanced init, 3 held rounds, 10-epoch warm-up": ("permutation", 0.46, BALANCED_10),
 }
 
-# What em_variants.csv holds: every variant on seed 0; the asymmetric former and current defaults on seeds 0-5;
-# the former and the current permutation default on the fresh seeds 6-8; the two halves of the current default
-# (balanced init alone, 10-epoch warm-up alone) on seeds 0, 3 and 5. The current defaults' rows for seeds 0-2 are
-# the runs of the MNIST table (the same recipe), copied in.
+# What em_variants.csv holds: every variant on seed 0; the asymmetric rows of the 2- and 6-epoch hard defaults
+# and of the balanced 10-epoch recipe on seeds 0-5; the last two on permutation 46% also on the fresh seeds 6-8;
+# the two halves of the balanced 10-epoch recipe on seeds 0, 3 and 5. The balanced 10-epoch rows for seeds 0-2
+# are the runs of quality_mnist_balanced_w10.csv (the same recipe), copied in.
 VARIANT_COMMANDS = (
     "python benchmarks/quality.py --variants --seeds 0 --resume",
     "python benchmarks/quality.py --variants --seeds 1 2 3 4 5 --resume --rows "
-    '"pair-flip 45%: hard" "pair-flip 45%: default" "permutation 46%: hard init, 3" "permutation 46%: default"',
+    '"pair-flip 45%: hard" "pair-flip 45%: balanced" "permutation 46%: hard init, 3" '
+    '"permutation 46%: balanced init, 3"',
     "python benchmarks/quality.py --variants --seeds 6 7 8 --resume --rows "
-    '"permutation 46%: hard init, 3 held rounds, 6" "permutation 46%: default"',
+    '"permutation 46%: hard init, 3 held rounds, 6" "permutation 46%: balanced init, 3"',
     "python benchmarks/quality.py --variants --seeds 3 5 --resume --rows "
-    '"permutation 46%: balanced" "permutation 46%: hard init, 10"',
+    '"permutation 46%: balanced init, 6" "permutation 46%: hard init, 10"',
 )
 
 
@@ -327,8 +329,8 @@ def write_variants_markdown(csv_path: Path, md_path: Path) -> None:
     lines = [
         "# EM variants on MNIST: uniform redraw 50% (effective flip 45%), pair-flip 45% and permutation 46%",
         "",
-        "Commands (all append to the same CSV; `--resume` skips the runs already in it). The current defaults' "
-        "rows for seeds 0-2 are the runs of the MNIST table (`quality_mnist.csv`, the same recipe), copied in:",
+        "Commands (all append to the same CSV; `--resume` skips the runs already in it). The balanced 10-epoch "
+        "rows for seeds 0-2 are the runs of `quality_mnist_balanced_w10.csv` (the same recipe), copied in:",
         "",
         "```bash",
         *VARIANT_COMMANDS,
@@ -370,8 +372,12 @@ def main() -> None:
     )
     parser.add_argument("--variants", action="store_true", help="run the EM variants instead of the table")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (smoke tests)")
+    parser.add_argument("--warmup-epochs", type=int, default=None, help="override every recipe's EM warm-up")
     parser.add_argument(
-        "--warmup-epochs", type=int, default=None, help="override every recipe's EM warm-up (smoke tests)"
+        "--initialisation",
+        choices=["hard_confusion", "soft_confusion", "balanced"],
+        default=None,
+        help="override every recipe's theta initialisation",
     )
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/...)")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the CSV")
@@ -379,7 +385,7 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
 
     def recipe_for(recipe: Recipe) -> Recipe:
-        overrides = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs}
+        overrides = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "initialisation": args.initialisation}
         return _changed(recipe, **{key: value for key, value in overrides.items() if value is not None})
 
     stem = args.out or RESULTS / ("em_variants" if args.variants else f"quality_{args.dataset}")
@@ -394,6 +400,9 @@ def main() -> None:
             f"--dataset {args.dataset}",
             "--variants" if args.variants else "",
             f"--seeds {' '.join(map(str, args.seeds))}",
+            f"--warmup-epochs {args.warmup_epochs}" if args.warmup_epochs is not None else "",
+            f"--initialisation {args.initialisation}" if args.initialisation else "",
+            f"--out {args.out}" if args.out else "",
         )
         if part
     )

@@ -21,8 +21,7 @@ ranks ``all_reduce(sum)`` it; nothing here imports Lightning or ``torch.distribu
 Initialisation (the paper's): after a warm-up on the noisy labels, ``theta`` is the row-normalised *soft*
 confusion matrix between the network's predictions and the noisy labels, i.e. :func:`noise_statistics`
 with ``c = p(y | x; w)`` in place of the posteriors. :func:`initial_noise_matrix` also offers the *hard* version
-(from class assignments), and :func:`balanced_assignment` the class-balanced assignment that the library's
-default initialisation feeds it.
+(from class assignments), and :func:`balanced_assignment` a class-balanced assignment to feed it.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_em_on_the_sample_improves_theta_over_its_initialisation(em_targets: str
     model = NoisyLabelClassifier(method="em", net=MLP(dropout=0.5), augment_shift=2, em_targets=em_targets)
     # Stored targets are the paper's literal EM: test them with the paper's soft initialisation. (From a sharper
     # hard initialisation they memorise their way back to a worse theta; benchmarks/results/ reports that variant.)
-    # Online targets run with the default (balanced) initialisation.
+    # Online targets run with the default initialisation.
     initialisation = {"initialisation": "soft_confusion"} if em_targets == "stored" else {}
     callback = EMNoiseEstimation(warmup_epochs=3, **initialisation)
     trainer = quiet_trainer(max_epochs=8, callbacks=[callback])
