@@ -1,6 +1,6 @@
 """Run one EM round with frozen weights on N CPU processes (gloo) and save what every rank ended with.
 
-    python tests/ddp_worker.py --devices 2 --e-step inference --out result.pt
+    python tests/ddp_worker.py --devices 2 --e-step inference [--initialisation balanced] --out result.pt
 
 Used by test_distributed.py: the weights never change (learning rate 0), so theta, the posterior table and the
 validation accuracy must be the same on 1 and N processes whatever the sharding and the sampler's padding.
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--e-step", default="inference")
+    parser.add_argument("--initialisation", default="hard_confusion")
     parser.add_argument("--out", required=True)
     parser.add_argument("--train", action="store_true", help="really train, with the global batch size fixed")
     args = parser.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
     # distributed sampler must pad, and the padding must not bias theta or the accuracy.
     datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, val_fraction=0.10025, batch_size=128)
     model = FrozenClassifier(method="em")
-    callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step)
+    callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, initialisation=args.initialisation)
     counter = CountValidationSamples()
     trainer = quiet_trainer(
         devices=args.devices,

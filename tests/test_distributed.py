@@ -13,7 +13,7 @@ pytestmark = pytest.mark.distributed
 
 
 def run_worker(tmp_path: Path, devices: int, e_step: str, *extra: str) -> list[dict]:
-    out = tmp_path / f"result-{devices}-{e_step}"
+    out = tmp_path / f"result-{devices}-{e_step}-{'-'.join(extra).replace('--', '')}"
     completed = subprocess.run(
         [sys.executable, str(WORKER), "--devices", str(devices), "--e-step", e_step, "--out", str(out), *extra],
         capture_output=True,
@@ -24,10 +24,13 @@ def run_worker(tmp_path: Path, devices: int, e_step: str, *extra: str) -> list[d
     return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(devices)]
 
 
-@pytest.mark.parametrize("e_step", ["inference", "train_pass"])
-def test_two_processes_equal_one(tmp_path: Path, e_step: str) -> None:
-    (single,) = run_worker(tmp_path, 1, e_step)
-    ranks = run_worker(tmp_path, 2, e_step)
+@pytest.mark.parametrize(
+    ("e_step", "initialisation"),
+    [("inference", "hard_confusion"), ("train_pass", "hard_confusion"), ("inference", "balanced")],
+)
+def test_two_processes_equal_one(tmp_path: Path, e_step: str, initialisation: str) -> None:
+    (single,) = run_worker(tmp_path, 1, e_step, "--initialisation", initialisation)
+    ranks = run_worker(tmp_path, 2, e_step, "--initialisation", initialisation)
     for result in ranks:
         # the same corrupted labels and split on every rank
         assert torch.equal(result["noisy_labels"], single["noisy_labels"])
