@@ -400,6 +400,7 @@ def main() -> None:
             f"--dataset {args.dataset}",
             "--variants" if args.variants else "",
             f"--seeds {' '.join(map(str, args.seeds))}",
+            "--rows " + " ".join(f'"{prefix}"' for prefix in args.rows) if args.rows and not args.variants else "",
             f"--warmup-epochs {args.warmup_epochs}" if args.warmup_epochs is not None else "",
             f"--initialisation {args.initialisation}" if args.initialisation else "",
             f"--out {args.out}" if args.out else "",
