@@ -156,8 +156,8 @@ VARIANTS: dict[str, tuple[str, float, Recipe]] = {
 
 # What em_variants.csv holds: every variant on seed 0; the asymmetric rows of the 2- and 6-epoch hard defaults
 # and of the balanced 10-epoch recipe on seeds 0-5; the last two on permutation 46% also on the fresh seeds 6-8;
-# the two halves of the balanced 10-epoch recipe on seeds 0, 3 and 5. The balanced 10-epoch rows for seeds 0-2
-# are the runs of quality_mnist_balanced_w10.csv (the same recipe), copied in.
+# the two halves of the balanced 10-epoch recipe on seeds 0, 3 and 5 (the balanced 6-epoch one on 0-5). The
+# balanced 10-epoch rows for seeds 0-2 are the runs of quality_mnist_balanced_w10.csv (same recipe), copied in.
 VARIANT_COMMANDS = (
     "python benchmarks/quality.py --variants --seeds 0 --resume",
     "python benchmarks/quality.py --variants --seeds 1 2 3 4 5 --resume --rows "
@@ -167,6 +167,7 @@ VARIANT_COMMANDS = (
     '"permutation 46%: hard init, 3 held rounds, 6" "permutation 46%: balanced init, 3"',
     "python benchmarks/quality.py --variants --seeds 3 5 --resume --rows "
     '"permutation 46%: balanced init, 6" "permutation 46%: hard init, 10"',
+    'python benchmarks/quality.py --variants --seeds 1 2 4 --resume --rows "permutation 46%: balanced init, 6"',
 )
 
 
