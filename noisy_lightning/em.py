@@ -26,6 +26,8 @@ with ``c = p(y | x; w)`` in place of the posteriors. :func:`initial_noise_matrix
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -150,14 +152,20 @@ def balanced_assignment(
             frequencies, which equal the true ones when ``T`` is doubly stochastic and the classes are balanced.
         sharpness: the power applied to ``class_probs`` before balancing (> 0; 1 balances the probabilities
             themselves).
-        max_iterations: Sinkhorn iterations at most.
-        tolerance: stop when every class's mass is within ``tolerance`` (relative) of its target.
+        max_iterations: Sinkhorn iterations at most (>= 1).
+        tolerance: stop when every class's mass is within ``tolerance`` (relative, > 0) of its target.
 
     Returns:
-        ``N x K`` float64 tensor whose rows sum to 1. A class with target frequency 0 receives no mass.
+        ``N x K`` float64 tensor whose rows sum to 1. A class with target frequency 0 receives no mass. If the
+        masses are still off by more than ``tolerance`` after ``max_iterations``, a ``RuntimeWarning`` says by how
+        much and the last iterate is returned (its rows still sum to 1).
     """
     if not sharpness > 0:
         raise ValueError(f"sharpness must be > 0, got {sharpness!r}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
     frequencies = class_frequencies.double().to(class_probs.device)
     if frequencies.shape != (class_probs.shape[1],) or (frequencies < 0).any() or not frequencies.sum() > 0:
         raise ValueError(
@@ -172,11 +180,18 @@ def balanced_assignment(
     for _ in range(max_iterations):
         log_q = scores + log_scaling
         log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)  # rows of q (samples) sum to 1
-        log_mass = torch.logsumexp(log_q[wanted], dim=1)
-        step = log_target[wanted] - log_mass
-        if (step.exp() - 1).abs().max() <= tolerance:
+        step = log_target[wanted] - torch.logsumexp(log_q[wanted], dim=1)
+        mass_error = (step.exp() - 1).abs().max().item()
+        if mass_error <= tolerance:
             break
         log_scaling[wanted] += step.unsqueeze(1)
+    else:
+        warnings.warn(
+            f"balanced_assignment did not converge in max_iterations={max_iterations}: a class's mass is off its "
+            f"target by {mass_error:.2e} (relative; tolerance={tolerance:g})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return log_q.exp().t().contiguous()
 
 

@@ -158,6 +158,8 @@ def test_balanced_initialisation_separates_a_two_cycle_that_the_argmax_merges() 
     ("kwargs", "message"),
     [
         ({"sharpness": 0.0}, "sharpness must be > 0"),
+        ({"max_iterations": 0}, "max_iterations must be an integer >= 1"),
+        ({"tolerance": 0.0}, "tolerance must be > 0"),
         ({"class_frequencies": torch.ones(4)}, "class_frequencies must be 3 non-negative numbers"),
         ({"class_frequencies": torch.tensor([1.0, -1.0, 1.0])}, "class_frequencies must be 3 non-negative numbers"),
         ({"class_frequencies": torch.zeros(3)}, "with a positive sum"),
@@ -167,3 +169,10 @@ def test_balanced_assignment_rejects_bad_input(kwargs: dict, message: str) -> No
     arguments = {"class_probs": torch.full((5, 3), 1 / 3), "class_frequencies": torch.ones(3)} | kwargs
     with pytest.raises(ValueError, match=message):
         em.balanced_assignment(**arguments)
+
+
+def test_balanced_assignment_warns_when_it_stops_before_converging() -> None:
+    probs = torch.softmax(torch.randn(500, 3, generator=torch.Generator().manual_seed(1)) * 3, dim=1)
+    with pytest.warns(RuntimeWarning, match="did not converge in max_iterations=1"):
+        assignment = em.balanced_assignment(probs, torch.tensor([0.8, 0.1, 0.1]), max_iterations=1)
+    torch.testing.assert_close(assignment.sum(dim=1), torch.ones(500, dtype=torch.float64))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -113,6 +114,9 @@ def test_m_step_output_is_row_stochastic(
         torch.testing.assert_close(initial.sum(dim=1), torch.ones(num_classes, dtype=initial.dtype), rtol=0, atol=1e-9)
 
 
+# Degenerate draws (a wanted class that every sample gives probability 0) cannot reach their mass in 1000 steps;
+# the function warns about it, tested in test_em_math.py. The property here holds either way.
+@pytest.mark.filterwarnings("ignore:balanced_assignment did not converge")
 @SETTINGS
 @given(inputs=e_step_inputs(), data=st.data())
 def test_balanced_assignment_rows_are_distributions(
