@@ -94,7 +94,7 @@ class TiledDataModule(NoisyLabelDataModule):
         self.tile = tile
 
     def setup(self, stage: str | None = None) -> None:
-        if self._is_set_up:
+        if self.is_set_up:
             return
         super().setup(stage)
         if self.tile == 1:

@@ -236,6 +236,11 @@ class NoisyLabelDataModule(L.LightningDataModule):
 
     # ---- public views ------------------------------------------------------------------------------------------
     @property
+    def is_set_up(self) -> bool:
+        """Whether :meth:`setup` has loaded the data (it runs once; later calls return at once)."""
+        return self._is_set_up
+
+    @property
     def num_features(self) -> int:
         return self.pool_images.shape[1]
 

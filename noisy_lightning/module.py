@@ -126,7 +126,7 @@ class NoisyLabelClassifier(L.LightningModule):
             raise ValueError(
                 f"num_classes={self.num_classes} does not match the data, which has {data_classes} classes"
             )
-        if datamodule is not None and hasattr(datamodule, "image_shape") and getattr(datamodule, "_is_set_up", False):
+        if datamodule is not None and hasattr(datamodule, "image_shape") and getattr(datamodule, "is_set_up", False):
             self.image_shape = datamodule.image_shape
 
     def configure_callbacks(self) -> list[L.Callback]:

@@ -135,6 +135,15 @@ def test_sample_ships_with_the_package(sample: NoisyLabelDataModule) -> None:
     assert abs(sample.pool_images.mean().item()) < 0.1  # normalised
 
 
+def test_setup_runs_once_and_says_so() -> None:
+    datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.4, seed=3)
+    assert not datamodule.is_set_up
+    datamodule.setup("fit")
+    labels = datamodule.train_noisy_labels
+    datamodule.setup("test")  # a second call keeps the tensors it has
+    assert datamodule.is_set_up and datamodule.train_noisy_labels is labels
+
+
 def test_split_is_a_partition_of_the_noisy_pool(sample: NoisyLabelDataModule) -> None:
     train, val = set(sample.train_indices.tolist()), set(sample.val_indices.tolist())
     assert not train & val
