@@ -4,13 +4,14 @@
     NOISY_LIGHTNING_DATA=/usr/share/datasets python benchmarks/quality.py --dataset fashion_mnist
     NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/quality.py --variants           # what failed, too
     python benchmarks/quality.py --select benchmarks/results/quality_mnist benchmarks/results/quality_mnist_hard_w10 \
-        --out benchmarks/results/quality_mnist_selected     # per seed, the run with the best noisy-val accuracy
+        benchmarks/results/quality_mnist_e50 --out benchmarks/results/quality_mnist_selected  # best noisy-val run
 
 Every number is the **last epoch** of a fixed schedule chosen before looking at the test set (no early stopping on
 test, no per-row tuning). Each run appends one line to ``<out>.csv`` as soon as it ends, so an interrupted
 benchmark keeps what it measured and ``--resume`` skips the runs already there; ``<out>.md`` is rewritten
 (atomically) from the CSV after every run. ``--select`` runs nothing: it picks, for each row and seed, the EM run
-with the highest noisy-validation accuracy among tables already measured (:func:`select_by_noisy_validation`).
+with the highest noisy-validation accuracy among tables already measured (:func:`select_by_noisy_validation`),
+and picks the CE baselines the same way.
 """
 
 from __future__ import annotations
@@ -545,7 +546,7 @@ def main() -> None:
         default=None,
         metavar="STEM",
         help="run nothing; from these tables' CSVs (the default recipe first), keep per row and seed the EM run "
-        "with the highest noisy-validation accuracy, and write --out (required)",
+        "(and the CE run) with the highest noisy-validation accuracy, and write --out (required)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/...)")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the CSV")

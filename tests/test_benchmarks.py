@@ -149,6 +149,16 @@ def test_quality_select_writes_the_selected_table(tmp_path: Path) -> None:
         timeout=120,
     )
     assert refused.returncode == 2 and "--select needs at least two tables and --out" in refused.stderr
+    missing = tmp_path / "never_measured"
+    arguments = ["--select", str(stems[0]), str(missing), "--out", str(tmp_path / "other")]
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and f"--select: {missing}.csv is missing or empty" in refused.stderr
+    assert not (tmp_path / "other.md").exists(), "nothing is written when a candidate table is missing"
 
 
 def test_variants_table_selects_between_variants_by_noisy_validation_accuracy(tmp_path: Path) -> None:
