@@ -410,6 +410,12 @@ def write_selection(stems: Sequence[Path], out: Path, title: str, rows: list[tup
     for stem, runs in zip(stems, tables, strict=True):
         if not runs:
             raise SystemExit(f"--select: {stem.with_suffix('.csv')} is missing or empty")
+        lacking = [key for key in COLUMNS if key not in runs[0]]
+        if lacking:
+            raise SystemExit(
+                f"--select: {stem.with_suffix('.csv')} lacks the column(s) {', '.join(lacking)}; "
+                "select among tables that this script wrote"
+            )
 
     def runs_of(method: str) -> list[list[dict[str, str]]]:
         return [[run for run in runs if run["recipe"] == method] for runs in tables]

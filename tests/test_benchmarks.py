@@ -159,6 +159,25 @@ def test_quality_select_writes_the_selected_table(tmp_path: Path) -> None:
     )
     assert refused.returncode == 1 and f"--select: {missing}.csv is missing or empty" in refused.stderr
     assert not (tmp_path / "other.md").exists(), "nothing is written when a candidate table is missing"
+    # A hand-edited table without the noisy-validation column is refused by name, not with a KeyError.
+    edited = tmp_path / "edited"
+    with stems[1].with_suffix(".csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with edited.with_suffix(".csv").open("w", newline="") as handle:
+        fields = [key for key in rows[0] if key != "val_acc_noisy"]
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    arguments = ["--select", str(stems[0]), str(edited), "--out", str(tmp_path / "other")]
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and f"--select: {edited}.csv lacks the column(s) val_acc_noisy" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "other.md").exists(), "nothing is written when a candidate table lacks a column"
 
 
 def test_variants_table_selects_between_variants_by_noisy_validation_accuracy(tmp_path: Path) -> None:
