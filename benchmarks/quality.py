@@ -473,6 +473,19 @@ def write_selection(stems: Sequence[Path], out: Path, title: str, rows: list[tup
     atomic_write(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
+def variant_line(name: str, noise: str, runs: list[dict[str, str]], fit_seconds: list[float]) -> str:
+    """One row of the variants table: a variant's runs, or the runs that a selection among variants kept."""
+
+    def column(key: str, scale: float = 100.0, digits: int = 2) -> str:
+        return mean_std([float(run[key]) for run in runs], scale, digits)
+
+    return (
+        f"| {name} | {noise} | {len(runs)} | {column('test_acc')} | "
+        f"{100 * min(float(run['test_acc']) for run in runs):.2f} | {column('theta_error', 1.0, 3)} | "
+        f"{column('label_recovery')} | {column('val_acc_noisy')} | {mean_std(fit_seconds, 1.0, 0)} |"
+    )
+
+
 def write_variants_markdown(csv_path: Path, md_path: Path) -> None:
     results = read_rows(csv_path)
     lines = [
@@ -499,14 +512,7 @@ def write_variants_markdown(csv_path: Path, md_path: Path) -> None:
         runs = [r for r in results if r["row"] == name]
         if not runs:
             continue
-        lines.append(
-            f"| {name} | {noise_type} {rate:g} | {len(runs)} | {mean_std([float(r['test_acc']) for r in runs])} | "
-            f"{100 * min(float(r['test_acc']) for r in runs):.2f} | "
-            f"{mean_std([float(r['theta_error']) for r in runs], 1.0, 3)} | "
-            f"{mean_std([float(r['label_recovery']) for r in runs])} | "
-            f"{mean_std([float(r['val_acc_noisy']) for r in runs])} | "
-            f"{mean_std([float(r['fit_seconds']) for r in runs], 1.0, 0)} |"
-        )
+        lines.append(variant_line(name, f"{noise_type} {rate:g}", runs, [float(r["fit_seconds"]) for r in runs]))
     for name, variant_names in VARIANT_SELECTIONS.items():
         # Selection pairs runs by (row, seed); the variants differ in their row names, so give them the same one.
         candidates = [[{**r, "row": name} for r in results if r["row"] == variant] for variant in variant_names]
@@ -517,13 +523,7 @@ def write_variants_markdown(csv_path: Path, md_path: Path) -> None:
         seeds = {run["seed"] for run in picks}
         # The fit time of a selection is that of all its candidates' fits.
         seconds = [sum(float(r["fit_seconds"]) for runs in candidates for r in runs if r["seed"] == s) for s in seeds]
-        lines.append(
-            f"| {name} | {noise_type} {rate:g} | {len(picks)} | {mean_std([float(r['test_acc']) for r in picks])} | "
-            f"{100 * min(float(r['test_acc']) for r in picks):.2f} | "
-            f"{mean_std([float(r['theta_error']) for r in picks], 1.0, 3)} | "
-            f"{mean_std([float(r['label_recovery']) for r in picks])} | "
-            f"{mean_std([float(r['val_acc_noisy']) for r in picks])} | {mean_std(seconds, 1.0, 0)} |"
-        )
+        lines.append(variant_line(name, f"{noise_type} {rate:g}", picks, seconds))
     atomic_write(md_path, "\n".join(lines) + "\n")
 
 

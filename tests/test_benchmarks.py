@@ -12,13 +12,18 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(script: str, *arguments: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script> arguments...`` in a fresh interpreter; the caller checks its exit status."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
 def run_benchmark(script: str, stem: Path, *arguments: str, timeout: int) -> list[dict[str, str]]:
     """Run ``benchmarks/<script> ... --out stem`` in a fresh interpreter and return the rows of ``stem.csv``.
 
     Fails with the script's stderr if it fails.
     """
-    command = [sys.executable, str(ROOT / "benchmarks" / script), *arguments, "--out", str(stem)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    completed = run_script(script, *arguments, "--out", str(stem), timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
     with stem.with_suffix(".csv").open() as handle:
         return list(csv.DictReader(handle))
@@ -118,12 +123,7 @@ def test_quality_select_writes_the_selected_table(tmp_path: Path) -> None:
         for run in runs:
             quality.append_row(stem.with_suffix(".csv"), run)
     out = tmp_path / "selected"
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--select", *map(str, stems), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    completed = run_script("quality.py", "--select", *map(str, stems), "--out", str(out))
     assert completed.returncode == 0, completed.stderr[-3000:]
     markdown = out.with_suffix(".md").read_text()
     columns = "EM, hard init, 6-epoch warm-up, 30 epochs | EM, hard init, 10-epoch warm-up, 30 epochs | EM, selected"
@@ -142,21 +142,10 @@ def test_quality_select_writes_the_selected_table(tmp_path: Path) -> None:
         ("permutation 46%", "em", "0", "1"),
         ("permutation 46%", "em", "1", "0"),
     ]
-    refused = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--select", str(stems[0]), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    refused = run_script("quality.py", "--select", str(stems[0]), "--out", str(out))
     assert refused.returncode == 2 and "--select needs at least two tables and --out" in refused.stderr
     missing = tmp_path / "never_measured"
-    arguments = ["--select", str(stems[0]), str(missing), "--out", str(tmp_path / "other")]
-    refused = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    refused = run_script("quality.py", "--select", str(stems[0]), str(missing), "--out", str(tmp_path / "other"))
     assert refused.returncode == 1 and f"--select: {missing}.csv is missing or empty" in refused.stderr
     assert not (tmp_path / "other.md").exists(), "nothing is written when a candidate table is missing"
     # A hand-edited table without the noisy-validation column is refused by name, not with a KeyError.
@@ -168,13 +157,7 @@ def test_quality_select_writes_the_selected_table(tmp_path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    arguments = ["--select", str(stems[0]), str(edited), "--out", str(tmp_path / "other")]
-    refused = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    refused = run_script("quality.py", "--select", str(stems[0]), str(edited), "--out", str(tmp_path / "other"))
     assert refused.returncode == 1 and f"--select: {edited}.csv lacks the column(s) val_acc_noisy" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert not (tmp_path / "other.md").exists(), "nothing is written when a candidate table lacks a column"
