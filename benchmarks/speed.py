@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -54,7 +55,7 @@ CONTENDERS = ("bare", "torchvision", "ours_ce", "ours_em", "ours_em_train_pass")
 
 # ---- the network and the FLOP floor -------------------------------------------------------------------------------
 def make_net() -> nn.Module:
-    return MLP(FEATURES, HIDDEN, CLASSES)
+    return MLP(FEATURES, HIDDEN, CLASSES, dropout=0.0)
 
 
 def flops_per_sample() -> int:
@@ -99,17 +100,21 @@ class TiledDataModule(NoisyLabelDataModule):
         super().setup(stage)
         if self.tile == 1:
             return
-        size = self.pool_size
+        pool = self.pool
+        size = pool.size
 
         def tiled_indices(indices: torch.Tensor) -> torch.Tensor:
             # copy k of sample i is pool row i + k * size
             return torch.cat([indices + copy * size for copy in range(self.tile)])
 
-        self.pool_images = self.pool_images.repeat(self.tile, 1)
-        self.train_noisy_labels = self.train_noisy_labels.repeat(self.tile)
-        self.train_clean_labels = self.train_clean_labels.repeat(self.tile)
-        self.train_indices = tiled_indices(self.train_indices)
-        self.val_indices = tiled_indices(self.val_indices)
+        self._pool = dataclasses.replace(
+            pool,
+            images=pool.images.repeat(self.tile, 1),
+            given_labels=pool.given_labels.repeat(self.tile),
+            clean_labels=pool.clean_labels.repeat(self.tile),
+            train_indices=tiled_indices(pool.train_indices),
+            val_indices=tiled_indices(pool.val_indices),
+        )
 
 
 def build_datamodule(data_dir: str, batch_size: int, tile: int = 1) -> TiledDataModule:
@@ -160,7 +165,7 @@ def run_ours(
     args: argparse.Namespace, method: str, batch_size: int, epochs: int, tile: int = 1, e_step: str = "inference"
 ) -> list[float]:
     datamodule = build_datamodule(args.data_dir, batch_size, tile)
-    model = NoisyLabelClassifier(net=make_net(), method=method)
+    model = NoisyLabelClassifier(net=make_net(), method=method, augment_shift=0, lr_scheduler="none")
     timer = EpochTimer(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
     callbacks: list[L.Callback] = [timer]
     if method == "em":
@@ -173,8 +178,8 @@ def run_ours(
 def run_bare(args: argparse.Namespace, batch_size: int, epochs: int) -> list[float]:
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     datamodule = build_datamodule(args.data_dir, batch_size)
-    images = datamodule.pool_images[datamodule.train_indices].to(device)
-    labels = datamodule.train_noisy_labels[datamodule.train_indices].to(device)
+    images = datamodule.pool.images[datamodule.pool.train_indices].to(device)
+    labels = datamodule.pool.given_labels[datamodule.pool.train_indices].to(device)
     net = make_net().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     times = []
@@ -212,7 +217,7 @@ def run_torchvision(args: argparse.Namespace, batch_size: int, epochs: int) -> l
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     dataset = datasets.MNIST(args.data_dir, train=True, transform=transform)
-    train = Subset(dataset, build_datamodule(args.data_dir, batch_size).train_indices.tolist())
+    train = Subset(dataset, build_datamodule(args.data_dir, batch_size).pool.train_indices.tolist())
     loader = DataLoader(train, batch_size=batch_size, shuffle=True)
     timer = EpochTimer(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
     trainer_for(args, epochs, [timer]).fit(PlainClassifier(), loader)

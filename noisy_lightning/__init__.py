@@ -3,21 +3,31 @@
 Public API::
 
     from noisy_lightning import NoisyLabelDataModule, NoisyLabelClassifier, MLP, EMNoiseEstimation
+    from noisy_lightning import find_label_issues
 """
 
 from noisy_lightning.callbacks import EMNoiseEstimation, NoisyLabelFigures
+from noisy_lightning.contract import NoisyLabelData, NoisyPool
 from noisy_lightning.data import NoisyLabelDataModule
-from noisy_lightning.models import MLP
+from noisy_lightning.issues import LabelIssues, find_label_issues
+from noisy_lightning.models import CNN, MLP
 from noisy_lightning.module import NoisyLabelClassifier
 from noisy_lightning.noise import build_transition_matrix, corrupt_labels
+from noisy_lightning.writers import ResultsWriter
 
 __all__ = [
+    "CNN",
     "MLP",
     "EMNoiseEstimation",
+    "LabelIssues",
     "NoisyLabelClassifier",
+    "NoisyLabelData",
     "NoisyLabelDataModule",
     "NoisyLabelFigures",
+    "NoisyPool",
+    "ResultsWriter",
     "build_transition_matrix",
     "corrupt_labels",
+    "find_label_issues",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

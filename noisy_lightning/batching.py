@@ -20,7 +20,7 @@ resumed from a mid-epoch checkpoint continues with exactly the batches it had no
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,7 +31,8 @@ class TensorBatches:
     """Iterable of batches ``tuple(tensor[index] for tensor in tensors)`` over one rank's share of the rows.
 
     Args:
-        tensors: tensors with the same first dimension ``N`` (e.g. images, labels, sample indices).
+        tensors: tensors with the same first dimension ``N`` (e.g. images, labels, sample indices); ``None``
+            entries (after the first) pass through as ``None``.
         batch_size: rows per batch (> 0); the last batch may be smaller.
         shuffle: a new permutation each epoch (see the module docstring), else the rows in order.
         seed: seeds the permutations.
@@ -39,11 +40,12 @@ class TensorBatches:
         rank: this process's rank, in ``[0, num_replicas)``.
         pad: with ``num_replicas > 1``, repeat rows so that every rank gets the same number (training); otherwise
             each row goes to exactly one rank (evaluation).
+        batch_type: builds each batch from the sliced tensors (e.g. a ``NamedTuple``); default: a plain tuple.
     """
 
     def __init__(
         self,
-        tensors: tuple[Tensor, ...],
+        tensors: tuple[Tensor | None, ...],
         batch_size: int,
         *,
         shuffle: bool = False,
@@ -51,8 +53,10 @@ class TensorBatches:
         num_replicas: int = 1,
         rank: int = 0,
         pad: bool = True,
+        batch_type: Callable[..., tuple] | None = None,
     ) -> None:
-        if not tensors or any(tensor.shape[0] != tensors[0].shape[0] for tensor in tensors):
+        present = [tensor for tensor in tensors if tensor is not None]
+        if not present or tensors[0] is None or any(tensor.shape[0] != present[0].shape[0] for tensor in present):
             raise ValueError("TensorBatches needs at least one tensor, all with the same first dimension")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -65,6 +69,7 @@ class TensorBatches:
         self.num_replicas = num_replicas
         self.rank = rank
         self.pad = pad
+        self.batch_type = batch_type
         self.epoch = 0
         self.batches_served = 0
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches already served) from a checkpoint
@@ -115,9 +120,12 @@ class TensorBatches:
             start = self._resume_at[1]
         self._resume_at = None
         self.batches_served = start
-        for batch_rows in self.rows()[start * self.batch_size :].split(self.batch_size):
+        remaining = self.rows()[start * self.batch_size :]
+        # split() of an empty tensor yields one empty chunk: a position at the epoch's end serves nothing.
+        for batch_rows in remaining.split(self.batch_size) if remaining.numel() else ():
             self.batches_served += 1
-            yield tuple(tensor.index_select(0, batch_rows) for tensor in self.tensors)
+            slices = tuple(None if tensor is None else tensor.index_select(0, batch_rows) for tensor in self.tensors)
+            yield self.batch_type(*slices) if self.batch_type is not None else slices
 
     # ---- Lightning's stateful-loader protocol ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 noisy-lightning fit --config configs/quickstart.yaml
 noisy-lightning test --config configs/quickstart.yaml --ckpt_path last
 noisy-lightning fit --config configs/quickstart.yaml --print_config
+noisy-lightning predict --config configs/quickstart.yaml --ckpt_path last   # writes label_issues.csv and more
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from noisy_lightning.data import NoisyLabelDataModule
 from noisy_lightning.module import NoisyLabelClassifier
+from noisy_lightning.writers import ResultsWriter
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -20,6 +22,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         NoisyLabelDataModule,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        # Appended to the config's callbacks: predict writes predictions, theta and the label issues as CSV files.
+        trainer_defaults={"callbacks": [ResultsWriter()]},
         args=args,
         run=run,
     )

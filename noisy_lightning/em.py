@@ -15,8 +15,10 @@ M-step for theta (:func:`estimate_noise_matrix`). With the sufficient statistics
 
     theta[i, j] = S[i, j] / sum_j' S[i, j'].
 
-``S`` is a plain sum over samples, so under data parallelism each rank computes it on its shard and the
-ranks ``all_reduce(sum)`` it; nothing here imports Lightning or ``torch.distributed``.
+One round (:func:`em_round`) is an E-step followed, unless the schedule holds theta (:class:`EMSchedule`), by this
+M-step. It takes ``p(y | x)`` for the scored samples; under data parallelism the caller first sums per-sample
+probabilities across ranks (:class:`ProbabilitySums`), so every rank computes the same round. Nothing here imports
+Lightning or ``torch.distributed``.
 
 Initialisation (the paper's): after a warm-up on the noisy labels, ``theta`` is the row-normalised *soft*
 confusion matrix between the network's predictions and the noisy labels, i.e. :func:`noise_statistics`
@@ -27,9 +29,14 @@ with ``c = p(y | x; w)`` in place of the posteriors. :func:`initial_noise_matrix
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from noisy_lightning.checks import check_float, check_int
 
 
 def check_log_probs(values: Tensor, name: str = "log_probs") -> None:
@@ -77,8 +84,7 @@ def noise_statistics(class_probs: Tensor, noisy_labels: Tensor, num_classes: int
     """Sufficient statistics of the theta M-step: ``S[i, j] = sum_t class_probs[t, i] * 1[z_t = j]``.
 
     ``class_probs`` is either the E-step posterior ``c`` or, for the initialisation, ``p(y | x)``. Returns a
-    float64 ``K x K`` tensor (float64, so that sums over millions of samples and across ranks stay exact to
-    well below the 1e-5 that the distributed tests ask for).
+    float64 ``K x K`` tensor: float32 sums over tens of thousands of samples would lose about 1e-4 relative.
     """
     by_noisy = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=class_probs.device)
     by_noisy.index_add_(0, noisy_labels.long(), class_probs.double())
@@ -160,12 +166,9 @@ def balanced_assignment(
         masses are still off by more than ``tolerance`` after ``max_iterations``, a ``RuntimeWarning`` says by how
         much and the last iterate is returned (its rows still sum to 1).
     """
-    if not sharpness > 0:
-        raise ValueError(f"sharpness must be > 0, got {sharpness!r}")
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-        raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    check_float("sharpness", sharpness, 0, open_minimum=True)
+    check_int("max_iterations", max_iterations, 1)
+    check_float("tolerance", tolerance, 0, open_minimum=True)
     frequencies = class_frequencies.double().to(class_probs.device)
     if frequencies.shape != (class_probs.shape[1],) or (frequencies < 0).any() or not frequencies.sum() > 0:
         raise ValueError(
@@ -226,3 +229,139 @@ def flip_precision_recall(class_probs: Tensor, noisy_labels: Tensor, clean_label
     precision = true_positives / changed.sum().item() if changed.any() else 1.0
     recall = true_positives / wrong.sum().item() if wrong.any() else 1.0
     return precision, recall
+
+
+Initialisation = Literal["hard_confusion", "soft_confusion", "balanced"]
+INITIALISATIONS: tuple[str, ...] = ("hard_confusion", "soft_confusion", "balanced")
+
+
+@dataclass(frozen=True)
+class EMSchedule:
+    """Which epochs end with an EM round, and which rounds update theta.
+
+    Epochs and rounds count from 0. Rounds run at the end of epochs ``warmup_epochs - 1``,
+    ``warmup_epochs - 1 + every_n_epochs``, ... Round ``r`` updates theta (the M-step) unless it is held
+    (``r < hold_initial_rounds``: theta stays at its initialisation while the network learns ``p(y | x)``) or frozen
+    (``r >= freeze_after``).
+    """
+
+    warmup_epochs: int = 6
+    every_n_epochs: int = 1
+    hold_initial_rounds: int = 3
+    freeze_after: int | None = None
+
+    def is_round_epoch(self, epoch: int) -> bool:
+        """Whether an EM round runs at the end of ``epoch``."""
+        after_warmup = epoch + 1 - self.warmup_epochs
+        return after_warmup >= 0 and after_warmup % self.every_n_epochs == 0
+
+    def latest_round_epoch(self, through_epoch: int) -> int | None:
+        """The last epoch ``<= through_epoch`` that ends with a round, or ``None``."""
+        if through_epoch + 1 < self.warmup_epochs:
+            return None
+        return through_epoch - (through_epoch + 1 - self.warmup_epochs) % self.every_n_epochs
+
+    def updates_noise_matrix(self, round_index: int) -> bool:
+        """Whether round ``round_index`` runs the theta M-step."""
+        frozen = self.freeze_after is not None and round_index >= self.freeze_after
+        return round_index >= self.hold_initial_rounds and not frozen
+
+
+class ProbabilitySums:
+    """Per-sample sums of ``p(y | x)`` and how often each sample was scored, indexed by its row in the pool.
+
+    A sample that a padded distributed sampler serves twice is averaged, not counted twice. :meth:`mean` reduces
+    the sums across ranks with the ``reduce_sum`` it is given, so that every rank sees the same probabilities.
+    """
+
+    def __init__(self, pool_size: int, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.sums = torch.zeros(pool_size, num_classes, device=device)
+        self.counts = torch.zeros(pool_size, device=device)
+
+    def add(self, index: Tensor, probabilities: Tensor) -> None:
+        self.sums.index_add_(0, index, probabilities.float())
+        self.counts.index_add_(0, index, torch.ones_like(index, dtype=self.counts.dtype))
+
+    def mean(self, reduce_sum: Callable[[Tensor], Tensor] = lambda tensor: tensor) -> tuple[Tensor, Tensor]:
+        """``(p(y | x) for the scored rows [R, K], the boolean mask of scored rows [N])``."""
+        sums, counts = reduce_sum(self.sums), reduce_sum(self.counts)
+        scored = counts > 0
+        return sums[scored] / counts[scored].unsqueeze(1), scored
+
+    def to(self, device: torch.device | str) -> ProbabilitySums:
+        self.sums, self.counts = self.sums.to(device), self.counts.to(device)
+        return self
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one EM round produced: theta after the round (float64), the E-step posteriors of the scored samples,
+    and theta's initialisation when the round was the first."""
+
+    noise_matrix: Tensor
+    posterior: Tensor
+    initial_noise_matrix: Tensor | None = None
+
+
+def em_round(
+    class_probs: Tensor,
+    given_labels: Tensor,
+    noise_matrix: Tensor | None,
+    *,
+    update_noise_matrix: bool = True,
+    initialisation: Initialisation = "hard_confusion",
+    for_noise_matrix: Tensor | None = None,
+) -> RoundResult:
+    """One EM round: initialise theta if ``noise_matrix`` is ``None``, E-step, then (optionally) the theta M-step.
+
+    Args:
+        class_probs: ``[R, K]`` ``p(y | x)`` of the scored samples.
+        given_labels: their ``[R]`` given labels.
+        noise_matrix: theta before the round, or ``None`` for the first round, which initialises it from the
+            confusion between ``class_probs`` and the given labels (:func:`initial_noise_matrix`, hard or soft;
+            ``"balanced"`` first re-weights ``class_probs`` with :func:`balanced_assignment` and uses the result
+            in the first E-step too).
+        update_noise_matrix: run the M-step (``False``: the round only updates the posteriors).
+        for_noise_matrix: boolean mask over the ``R`` samples that feed the initialisation and the M-step
+            (default: all), e.g. only the validation split.
+    """
+    num_classes = class_probs.shape[1]
+    mask = torch.ones_like(given_labels, dtype=torch.bool) if for_noise_matrix is None else for_noise_matrix
+    initial = None
+    if noise_matrix is None:
+        if initialisation == "balanced":
+            frequencies = torch.bincount(given_labels[mask], minlength=num_classes)
+            class_probs = balanced_assignment(class_probs, frequencies)
+        hard = initialisation != "soft_confusion"
+        initial = initial_noise_matrix(class_probs[mask], given_labels[mask], num_classes, hard=hard)
+        noise_matrix = initial
+    noise_matrix = noise_matrix.double()
+    # posterior() raises on NaN/Inf before anything is returned, so a diverged network leaves theta to the caller.
+    posterior_ = posterior(class_probs.clamp_min(1e-30).log(), noise_matrix, given_labels)
+    if update_noise_matrix:
+        statistics = noise_statistics(posterior_[mask], given_labels[mask], num_classes)
+        noise_matrix = normalise_rows(statistics, noise_matrix)
+    return RoundResult(noise_matrix, posterior_, initial)
+
+
+def diagnostics(
+    noise_matrix: Tensor,
+    true_noise_matrix: Tensor,
+    class_probs: Tensor,
+    given_labels: Tensor,
+    clean_labels: Tensor,
+) -> dict[str, float]:
+    """Ground-truth measures of an EM state (synthetic noise only): theta against ``T``, corrections against truth.
+
+    ``class_probs`` are posteriors (or any class probabilities) of samples with these given and clean labels.
+    Keys: ``theta_error`` (:func:`noise_matrix_error`), ``theta_max_abs_error``, ``label_recovery``,
+    ``flip_precision`` and ``flip_recall`` (:func:`flip_precision_recall`).
+    """
+    precision, recall = flip_precision_recall(class_probs, given_labels, clean_labels)
+    return {
+        "theta_error": noise_matrix_error(noise_matrix, true_noise_matrix),
+        "theta_max_abs_error": noise_matrix_max_abs_error(noise_matrix, true_noise_matrix),
+        "label_recovery": label_recovery(class_probs, clean_labels),
+        "flip_precision": precision,
+        "flip_recall": recall,
+    }

@@ -8,14 +8,16 @@ Files may be gzip-compressed (``.gz``).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from noisy_lightning.files import atomic_write
 
 UNSIGNED_BYTE = 0x08
 
@@ -56,7 +58,7 @@ def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> 
     if len(data) < header_size:
         raise ValueError(f"{path} is truncated: {len(data)} bytes, shorter than its {header_size}-byte header")
     shape = struct.unpack(f">{ndim}I", data[4:header_size])
-    expected_size = header_size + int(np.prod(shape, dtype=np.int64))
+    expected_size = header_size + math.prod(shape)  # Python ints: a forged header cannot overflow
     if len(data) != expected_size:
         state = "truncated" if len(data) < expected_size else "longer than its header declares"
         raise ValueError(f"{path} is {state}: header says shape {shape} ({expected_size} bytes), file has {len(data)}")
@@ -74,20 +76,10 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray | Tensor) -> None:
         raise ValueError(f"write_idx needs a uint8 array, got {array.dtype}")
     payload = bytes([0, 0, UNSIGNED_BYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     payload += np.ascontiguousarray(array).tobytes()
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as raw:
-            if path.suffix == ".gz":
-                # mtime=0 keeps the bytes reproducible, so a rebuilt file diffs clean in git
-                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as compressed:
-                    compressed.write(payload)
-            else:
-                raw.write(payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as raw:
+        if Path(path).suffix == ".gz":
+            # mtime=0 keeps the bytes reproducible, so a rebuilt file diffs clean in git
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as compressed:
+                compressed.write(payload)
+        else:
+            raw.write(payload)

@@ -7,62 +7,80 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from noisy_lightning.augment import random_shift
-from noisy_lightning.em import posterior
-from noisy_lightning.models import MLP
+from noisy_lightning.checks import check_choice, check_float, check_int
+from noisy_lightning.contract import EvalBatch, NoisyLabelData, PredictBatch, TestBatch, TrainBatch
+from noisy_lightning.models import MLP, build_net, net_spec
+from noisy_lightning.noise_layer import METHODS, EMTargets, make_noise_layer
 
 Method = Literal["ce", "em"]
-METHODS: tuple[str, ...] = ("ce", "em")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def reseed_for_step(base_seed: int, epoch: int, batch_idx: int, rank: int, device: torch.device) -> None:
+    """Seed torch's RNG from ``(base_seed, epoch, batch_idx, rank)``, so that a step draws the same dropout masks and
+    shifts whether or not the run was interrupted and resumed (Lightning does not checkpoint RNG states)."""
+    # hash() of a tuple of ints is deterministic across processes (no PYTHONHASHSEED salt for ints).
+    seed = hash((base_seed, epoch, batch_idx, rank)) & 0x7FFF_FFFF_FFFF_FFFF
+    # Not torch.manual_seed: before CUDA is initialised it formats a stack trace per call (~1 ms a step).
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
+def image_shape_of(x: Tensor) -> tuple[int, ...] | None:
+    """``(C, H, W)`` of a batch ``[B, C, H, W]`` or ``[B, H, W]``, ``(1, s, s)`` of flat square images
+    ``[B, s * s]``, else ``None``."""
+    if x.ndim == 4:
+        return tuple(x.shape[1:])
+    if x.ndim == 3:
+        return (1, *x.shape[1:])
+    side = math.isqrt(x.shape[1]) if x.ndim == 2 else 0
+    return (1, side, side) if side > 1 and side * side == x.shape[1] else None
 
 
 class NoisyLabelClassifier(L.LightningModule):
     """Train ``net`` on noisy labels with the chosen ``method``; evaluate against noisy and clean labels.
 
-    Methods (the loss of ``training_step``):
-        ``"ce"``: cross-entropy against the noisy labels (the baseline; with noise rate 0, the clean baseline).
-        ``"em"``: Bekker & Goldberger's EM. Before EM starts it is ``"ce"``; afterwards the network trains on the
-            posteriors of the true labels (the M-step for the weights), with theta kept up to date by the
-            :class:`~noisy_lightning.callbacks.EMNoiseEstimation` callback (added automatically when the Trainer
-            has none).
-        More methods (forward correction, a noise adaptation layer) slot in as new :meth:`training_targets`
-        / loss branches keyed by ``method``; the data, callback and metrics do not change.
+    The model is ``net`` (any ``nn.Module`` from inputs to ``num_classes`` logits) followed by a noise layer
+    (:mod:`noisy_lightning.noise_layer`) that owns the noise matrix ``theta`` and gives the training loss:
 
-    State used by EM:
-        ``noise_matrix``: the ``K x K`` buffer ``theta``, ``theta[i, j] = P(noisy = j | true = i)``; identity until
-            EM initialises it. It moves with the module's device and is saved in checkpoints.
-        ``posteriors``: ``None`` or the ``N x K`` table of posteriors over the training pool, set by the callback.
+    - ``"ce"``: cross-entropy against the given labels (the baseline);
+    - ``"em"``: Bekker & Goldberger's EM: cross-entropy until the
+      :class:`~noisy_lightning.callbacks.EMNoiseEstimation` callback (added when the Trainer has none) sets
+      ``theta``, then training on the posteriors of the true labels.
 
-    Logged per epoch: ``train/loss``, ``val/acc_noisy``, ``val/acc_clean``, ``val/nll_noisy`` (the noisy-label
-    negative log-likelihood ``-log sum_i p(i | x) theta[i, z]``, usable for early stopping without clean labels)
-    and ``test/acc``.
+    The defaults are the recipe of the results table: ``MLP(784, [500, 300], 10)`` with dropout 0.5, Adam at 1e-3
+    with a cosine schedule, and 2-pixel random shifts. The paper's plain recipe is
+    ``net=MLP(dropout=0.0), lr_scheduler="none", augment_shift=0, em_targets="stored"``.
+
+    Logged per epoch: ``train/loss``, ``val/acc_noisy``, ``val/nll_noisy`` (the given-label negative
+    log-likelihood under ``theta``, usable for early stopping without clean labels), ``val/acc_clean`` when the
+    data knows the clean labels, and ``test/acc``.
 
     Args:
-        net: any ``nn.Module`` mapping a batch of flat images to ``num_classes`` logits; default
-            ``MLP(784, [500, 300], 10)``.
+        net: the network; default ``MLP(num_classes=num_classes)``. A net built by this library (``MLP``,
+            ``CNN``) is saved in the hyperparameters, so ``load_from_checkpoint(path)`` rebuilds it.
         method: ``"ce"`` or ``"em"``.
-        num_classes: number of classes ``K``.
+        num_classes: number of classes ``K`` (>= 2).
         lr: learning rate (> 0).
         weight_decay: L2 penalty (decoupled for ``adamw``), >= 0.
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with Nesterov momentum 0.9).
-        lr_scheduler: ``"none"`` or ``"cosine"`` (annealed to 0 over ``Trainer(max_epochs)``).
-        augment_shift: random translation of each training image by up to this many pixels (0 = off).
-        em_targets: which posteriors the weights train on once EM has started. ``"online"`` (default):
-            ``c ∝ p(y | x; w) theta[:, z]`` recomputed in each training step from the current network and theta
-            (detached), whose gradient is that of the noisy-label log-likelihood ``log sum_i p(i | x) theta[i, z]``;
-            a wrong label can then pull the network by at most ``log(theta[z, z] / theta[y, z])``, which keeps it
-            from memorising its own targets. ``"stored"``: the table ``c[index]`` from the last E-step, the
-            paper's literal M-step; it memorises (theta drifts to the identity), see
-            ``benchmarks/results/em_variants.md``.
-        reseed_every_step: before each training batch, seed torch's RNG from ``(the seed at the start of the
-            first fit, epoch, batch index, rank)``. Dropout and augmentation then depend on the step only, so a run
-            resumed from any checkpoint, even one saved mid-epoch, draws the same random numbers as a run that was
-            never interrupted (Lightning does not save RNG states in checkpoints). The base seed is saved in the
-            checkpoint.
+        lr_scheduler: ``"cosine"`` (annealed to 0 over ``Trainer(max_epochs)``) or ``"none"``.
+        augment_shift: random translation of each training image by up to this many pixels (0 = off); needs data
+            that knows its image shape.
+        em_targets: ``"online"`` or ``"stored"`` posteriors for ``"em"``
+            (:class:`~noisy_lightning.noise_layer.EMLayer`).
+        reseed_every_step: seed the RNG from ``(the seed at the start of the first fit, epoch, batch, rank)`` before
+            each training step, so a resumed run draws the same random numbers as an uninterrupted one.
     """
 
     def __init__(
@@ -73,36 +91,35 @@ class NoisyLabelClassifier(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
-        lr_scheduler: Literal["none", "cosine"] = "none",
-        augment_shift: int = 0,
-        em_targets: Literal["stored", "online"] = "online",
+        lr_scheduler: Literal["none", "cosine"] = "cosine",
+        augment_shift: int = 2,
+        em_targets: EMTargets = "online",
         reseed_every_step: bool = True,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if optimizer not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"optimizer must be one of 'adam', 'adamw', 'sgd'; got {optimizer!r}")
-        if lr_scheduler not in ("none", "cosine"):
-            raise ValueError(f"lr_scheduler must be 'none' or 'cosine'; got {lr_scheduler!r}")
-        if isinstance(augment_shift, bool) or not isinstance(augment_shift, int) or augment_shift < 0:
-            raise ValueError(f"augment_shift must be an integer >= 0, got {augment_shift!r}")
-        if em_targets not in ("stored", "online"):
-            raise ValueError(f"em_targets must be 'stored' or 'online'; got {em_targets!r}")
-        # The net is a module, saved in the state dict; keeping it out of hparams keeps hparams.yaml readable.
-        self.save_hyperparameters(ignore=["net"])
+        check_choice("method", method, METHODS)
+        check_int("num_classes", num_classes, 2)
+        check_float("lr", lr, 0, open_minimum=True)
+        check_float("weight_decay", weight_decay, 0)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("lr_scheduler", lr_scheduler, ("none", "cosine"))
+        check_int("augment_shift", augment_shift, 0)
+        if not isinstance(reseed_every_step, bool):
+            raise ValueError(f"reseed_every_step must be True or False, got {reseed_every_step!r}")
+        if isinstance(net, dict):  # the description saved in a checkpoint's hyperparameters
+            net = build_net(net)
+        if net is not None and not isinstance(net, nn.Module):
+            raise ValueError(f"net must be an nn.Module, got {type(net).__name__}")
         self.net = net if net is not None else MLP(num_classes=num_classes)
+        self.save_hyperparameters(ignore=["net"])
+        # LightningCLI saves the net as its class_path/init_args; otherwise record the net's own description.
+        given = _given_hyperparameters.get()
+        if not (given and isinstance(given.get("net"), dict)):
+            self.hparams["net"] = net_spec(self.net)
         self.method = method
         self.num_classes = num_classes
-        self.register_buffer("noise_matrix", torch.eye(num_classes))
-        self.posteriors: Tensor | None = None
-        self.image_shape: tuple[int, int] | None = None
+        self.noise_layer = make_noise_layer(method, num_classes, em_targets)
+        self.image_shape: tuple[int, ...] | None = None
         self.step_seed_base: int | None = None
 
         def accuracy() -> MulticlassAccuracy:
@@ -118,22 +135,53 @@ class NoisyLabelClassifier(L.LightningModule):
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_loss.persistent(True)
 
+    @property
+    def noise_matrix(self) -> Tensor:
+        """``theta``, ``theta[i, j] = P(given = j | true = i)``: the identity until a method sets it."""
+        return self.noise_layer.noise_matrix
+
     # ---- set-up ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(
                 f"num_classes={self.num_classes} does not match the data, which has {data_classes} classes"
             )
-        if datamodule is not None and hasattr(datamodule, "image_shape") and getattr(datamodule, "is_set_up", False):
-            self.image_shape = datamodule.image_shape
+        if isinstance(datamodule, NoisyLabelData) and getattr(datamodule, "is_set_up", True):
+            self.image_shape = datamodule.pool.image_shape
+            self._check_output_width(datamodule.pool.images[:2])
+        if self.hparams.augment_shift > 0 and stage == "fit" and datamodule is not None and self.image_shape is None:
+            rank_zero_warn(
+                f"augment_shift={self.hparams.augment_shift} is off for this data: its samples are flat features, "
+                "not images. Pass image-shaped tensors ([N, H, W] or [N, C, H, W]) to shift them."
+            )
+
+    def _check_output_width(self, sample: Tensor) -> None:
+        """Run two samples through the net once, so that a wrong output shape is named before training starts."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                logits = self.net(sample.to(self.device))
+        finally:
+            self.net.train(was_training)
+        self._check_logits(logits, sample.shape[0])
+
+    def _check_logits(self, logits: Any, batch: int) -> None:
+        if not isinstance(logits, Tensor) or logits.shape != (batch, self.num_classes):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"net returned logits of shape {shape}; expected [batch, num_classes] = [{batch}, {self.num_classes}]"
+            )
 
     def configure_callbacks(self) -> list[L.Callback]:
+        if not self.noise_layer.estimated_by_em:
+            return []
         from noisy_lightning.callbacks import EMNoiseEstimation
 
         has_em = any(isinstance(callback, EMNoiseEstimation) for callback in self.trainer.callbacks)
-        return [EMNoiseEstimation()] if self.method == "em" and not has_em else []
+        return [] if has_em else [EMNoiseEstimation()]
 
     # ---- reproducible randomness -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -147,58 +195,37 @@ class NoisyLabelClassifier(L.LightningModule):
             self.train_loss.reset()
         if self.hparams.reseed_every_step:
             base = self.step_seed_base if self.step_seed_base is not None else torch.initial_seed()
-            # hash() of a tuple of ints is deterministic across processes (no PYTHONHASHSEED salt for ints).
-            seed = hash((base, self.current_epoch, batch_idx, self.global_rank)) & 0x7FFF_FFFF_FFFF_FFFF
-            # Not torch.manual_seed: before CUDA is initialised it formats a stack trace per call (~1 ms a step).
-            torch.default_generator.manual_seed(seed)
-            if self.device.type == "cuda":
-                torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
-            elif self.device.type != "cpu":
-                torch.manual_seed(seed)
+            reseed_for_step(base, self.current_epoch, batch_idx, self.global_rank, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["step_seed_base"] = self.step_seed_base
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.step_seed_base = checkpoint.get("step_seed_base")
-        # Checkpoints written before the loss accumulator was saved: start it empty rather than fail strict loading.
-        state = checkpoint.get("state_dict", {})
-        for name, value in self.train_loss.state_dict(prefix="train_loss.").items():
-            state.setdefault(name, torch.zeros_like(value))
 
     # ---- training ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def _augment(self, x: Tensor) -> Tensor:
-        if self.hparams.augment_shift == 0:
-            return x
-        if self.image_shape is None:
-            side = math.isqrt(x.shape[1])
-            if side * side != x.shape[1]:
-                raise ValueError(f"augment_shift needs square images; got {x.shape[1]} features per sample")
-            self.image_shape = (side, side)
-        return random_shift(x, self.hparams.augment_shift, self.image_shape)
-
-    def training_targets(self, logits: Tensor, noisy_labels: Tensor, index: Tensor) -> Tensor:
-        """Hard noisy labels, or the EM posteriors once EM has started (stored ``c[index]``, or online)."""
-        if self.method != "em" or self.posteriors is None:
-            return noisy_labels
-        if self.hparams.em_targets == "online":
-            return posterior(F.log_softmax(logits.detach().float(), dim=1), self.noise_matrix, noisy_labels)
-        return self.posteriors[index]
-
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        x, noisy_labels, index = batch
-        logits = self.net(self._augment(x))
-        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(
-                f"net returned logits of shape {tuple(logits.shape)}; expected [batch, {self.num_classes}]"
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> dict[str, Tensor]:
+        x, label, index = batch
+        if self.hparams.augment_shift > 0:
+            if self.image_shape is None:
+                self.image_shape = image_shape_of(x)
+            if self.image_shape is not None:
+                x = random_shift(x, self.hparams.augment_shift, self.image_shape)
+        logits = self.net(x)
+        if batch_idx == 0:
+            self._check_logits(logits, x.shape[0])
+        loss = self.noise_layer.loss(logits, label, index)
+        # One check for every method: a diverged network stops the run instead of training on NaN to the end.
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}: the network "
+                "has diverged. Lower the learning rate or use gradient clipping (Trainer(gradient_clip_val=...))."
             )
-        # cross_entropy takes class indices or class probabilities alike (soft targets after EM starts).
-        loss = F.cross_entropy(logits, self.training_targets(logits, noisy_labels, index))
         self.train_loss.update(loss.detach(), weight=x.shape[0])
-        # The EM callback can collect these for an E-step from the training pass itself.
+        # The EM callback's train_pass E-step reads the logits of the step.
         return {"loss": loss, "logits": logits.detach()}
 
     def on_train_epoch_end(self) -> None:
@@ -206,30 +233,25 @@ class NoisyLabelClassifier(L.LightningModule):
         self.log("train/loss", self.train_loss.compute(), on_step=False, on_epoch=True)
 
     # ---- evaluation --------------------------------------------------------------------------------------------
-    def noisy_label_nll(self, logits: Tensor, noisy_labels: Tensor) -> Tensor:
-        """Per-sample ``-log p(z | x) = -log sum_i p(i | x) theta[i, z]`` under the current ``noise_matrix``."""
-        log_probs = F.log_softmax(logits.float(), dim=1)
-        log_theta = self.noise_matrix.clamp_min(1e-12).log()
-        return -(log_probs + log_theta.t()[noisy_labels]).logsumexp(dim=1)
-
-    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        x, noisy_labels, *rest = batch
-        logits = self.net(x)
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        logits = self.net(batch.x)
+        self._check_logits(logits, batch.x.shape[0])
         predictions = logits.argmax(dim=1)
-        self.val_acc_noisy.update(predictions, noisy_labels)
-        self.val_nll_noisy.update(self.noisy_label_nll(logits, noisy_labels))
+        self.val_acc_noisy.update(predictions, batch.label)
+        self.val_nll_noisy.update(self.noise_layer.noisy_label_nll(logits, batch.label))
         self.log("val/acc_noisy", self.val_acc_noisy, on_step=False, on_epoch=True)
         self.log("val/nll_noisy", self.val_nll_noisy, on_step=False, on_epoch=True)
-        if rest:
-            self.val_acc_clean.update(predictions, rest[0])
+        if batch.clean_label is not None:
+            self.val_acc_clean.update(predictions, batch.clean_label)
             self.log("val/acc_clean", self.val_acc_clean, on_step=False, on_epoch=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, labels = batch
-        self.test_acc.update(self.net(x).argmax(dim=1), labels)
+    def test_step(self, batch: TestBatch, batch_idx: int) -> None:
+        logits = self.net(batch.x)
+        self._check_logits(logits, batch.x.shape[0])
+        self.test_acc.update(logits.argmax(dim=1), batch.label)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
 
-    def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+    def predict_step(self, batch: PredictBatch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``p(y | x)`` for each input of the batch."""
         return torch.softmax(self.net(batch[0]).float(), dim=1)
 

@@ -8,7 +8,6 @@ callbacks, and never calls ``plt.show()``. :func:`save_figure` writes a PNG atom
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -17,6 +16,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+
+from noisy_lightning.files import atomic_write
+from noisy_lightning.noise import confusion_counts
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
 
@@ -39,13 +41,6 @@ def _numpy(values: ArrayLike) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
-
-
-def confusion_counts(true_labels: ArrayLike, other_labels: ArrayLike, num_classes: int) -> np.ndarray:
-    """``C[i, j]`` = number of samples with true label ``i`` and other label ``j``."""
-    true_labels, other_labels = _numpy(true_labels).astype(np.int64), _numpy(other_labels).astype(np.int64)
-    flat = np.bincount(true_labels * num_classes + other_labels, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
 
 
 def _heatmap(axes, matrix: np.ndarray, title: str, fmt: str, vmin: float, vmax: float, cmap: str) -> object:
@@ -97,7 +92,8 @@ def confusion_matrices_figure(
     figure = Figure(figsize=(4.6 * cols, 4.1 * rows), layout="constrained")
     grid = figure.subplots(rows, cols, squeeze=False)
     for row, (name, (true_labels, other_labels)) in enumerate(comparisons.items()):
-        counts = confusion_counts(true_labels, other_labels, num_classes).astype(float)
+        pairs = torch.as_tensor(_numpy(true_labels)), torch.as_tensor(_numpy(other_labels))
+        counts = confusion_counts(*pairs, num_classes).numpy().astype(float)
         for col, view in enumerate(views):
             axes = grid[row, col]
             title, fmt = CONFUSION_VIEWS[view]
@@ -192,6 +188,17 @@ def select_samples(
     return np.concatenate([order[changed], order[~changed]])[:count]
 
 
+def _displayable(image: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """One image as ``imshow`` takes it: ``[H, W]`` for one channel, ``[H, W, 3]`` scaled to [0, 1] for RGB."""
+    if len(image_shape) == 3 and image_shape[0] == 1:
+        image_shape = image_shape[1:]
+    if len(image_shape) == 2:
+        return image.reshape(image_shape)
+    planes = image.reshape(image_shape)[:3].transpose(1, 2, 0)
+    low, high = planes.min(), planes.max()
+    return (planes - low) / (high - low) if high > low else np.zeros_like(planes)
+
+
 def correction_grid_figure(
     images: ArrayLike,
     noisy_labels: ArrayLike,
@@ -201,7 +208,7 @@ def correction_grid_figure(
     cols: int = 10,
     selection: Selection = "first",
     confidence: ArrayLike | None = None,
-    image_shape: tuple[int, int] = (28, 28),
+    image_shape: tuple[int, ...] = (28, 28),
     class_names: Sequence[str] | None = None,
     seed: int = 0,
 ) -> Figure:
@@ -225,13 +232,13 @@ def correction_grid_figure(
     for axes in grid.flat:
         axes.set_axis_off()
     for axes, index, category in zip(grid.flat, chosen, categories, strict=False):
-        axes.imshow(images[index].reshape(image_shape), cmap="gray")
+        axes.imshow(_displayable(images[index], image_shape), cmap="gray")
         title = f"{name(noisy[index])}→{name(corrected[index])}"
         if truth is not None:
             title += f" ({name(truth[index])})"
         axes.set_title(title, fontsize=7, pad=2, color=FRAME_COLOURS[category] if category else "black")
         if category is not None:
-            height, width = image_shape
+            height, width = image_shape[-2:]
             axes.add_patch(
                 Rectangle((-0.5, -0.5), width, height, fill=False, edgecolor=FRAME_COLOURS[category], linewidth=3.5)
             )
@@ -328,16 +335,8 @@ def noise_sweep_figure(rows: Sequence[Mapping[str, object]], noise_type: str = "
 
 
 def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Path:
-    """Save ``figure`` as a PNG through a temporary file and a rename, so no half-written file is ever left."""
+    """Save ``figure`` as a PNG; the file appears whole or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=dpi, format="png")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as stream:
+        figure.savefig(stream, dpi=dpi, format="png")
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 
-from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule, plots
+from noisy_lightning import EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule, find_label_issues, plots
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -27,7 +27,7 @@ def main() -> None:
 
     L.seed_everything(0)
     data = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, batch_size=128)
-    model = NoisyLabelClassifier(method="em", net=MLP(dropout=0.5), augment_shift=2, lr_scheduler="cosine")
+    model = NoisyLabelClassifier(method="em")
     callback = EMNoiseEstimation(warmup_epochs=3)
     trainer = L.Trainer(
         max_epochs=15,
@@ -41,13 +41,12 @@ def main() -> None:
     title = f"mnist_sample, 50% uniform redraw, after {callback.rounds} EM rounds"
     figure = plots.noise_matrix_figure(data.true_transition_matrix, model.noise_matrix, title)
     plots.save_figure(figure, DOCS / "noise_matrix.png", dpi=70)
-    index = data.train_indices
-    posteriors = callback.posteriors[index]
+    issues = find_label_issues(model, data)
     grid = plots.correction_grid_figure(
-        data.pool_images[index],
-        data.train_noisy_labels[index],
-        posteriors.argmax(dim=1),
-        data.train_clean_labels[index],
+        data.pool.images[issues.index],
+        issues.given_label,
+        issues.corrected_label,
+        data.pool.clean_labels[issues.index],
         rows=6,
         cols=12,
         selection="random",

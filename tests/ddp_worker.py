@@ -48,13 +48,17 @@ def main() -> None:
     # 4000-sample pool, 401 validation: an odd training split (3599) and an odd validation split, so the
     # distributed sampler must pad, and the padding must not bias theta or the accuracy.
     datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, val_fraction=0.10025, batch_size=128)
-    model = FrozenClassifier(method="em")
-    callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, initialisation=args.initialisation)
+    # Stored targets keep the E-step's posterior table in the model, so it can be compared row by row. No held
+    # rounds: every round runs the theta M-step, which is what must agree across process counts.
+    model = FrozenClassifier(method="em", em_targets="stored")
+    callback = EMNoiseEstimation(
+        warmup_epochs=1, e_step=args.e_step, initialisation=args.initialisation, hold_initial_rounds=0
+    )
     counter = CountValidationSamples()
     trainer = quiet_trainer(
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
-        max_epochs=2,
+        max_epochs=3,
         callbacks=[callback, counter],
     )
     trainer.fit(model, datamodule)
@@ -62,12 +66,12 @@ def main() -> None:
     result = {
         "noise_matrix": model.noise_matrix.cpu(),
         "history": callback.noise_matrix_history,
-        "posteriors": callback.posteriors.cpu(),
-        "noisy_labels": datamodule.train_noisy_labels,
-        "val_indices": datamodule.val_indices,
+        "posteriors": model.noise_layer.posterior_table.cpu(),
+        "noisy_labels": datamodule.pool.given_labels,
+        "val_indices": datamodule.pool.val_indices,
         "val_acc_clean": trainer.callback_metrics["val/acc_clean"].item(),
-        "validation_count_per_epoch": validation_count.item() / 2,
-        "val_size": len(datamodule.val_indices),
+        "validation_count_per_epoch": validation_count.item() / 3,
+        "val_size": len(datamodule.pool.val_indices),
     }
     torch.save(result, f"{args.out}.rank{trainer.global_rank}")
 
@@ -78,7 +82,8 @@ def train(args: argparse.Namespace) -> None:
     datamodule = NoisyLabelDataModule(
         noise_type="pair_flip", noise_rate=0.3, val_fraction=0.1, batch_size=128 // args.devices
     )
-    model = NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[64]), lr=2e-3)
+    # No dropout and no shifts: their draws are seeded per rank, so they would differ between 1 and 2 processes.
+    model = NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[64], dropout=0.0), lr=2e-3, augment_shift=0)
     callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, hold_initial_rounds=1)
     trainer = quiet_trainer(
         devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_epochs=4, callbacks=[callback]
@@ -87,7 +92,7 @@ def train(args: argparse.Namespace) -> None:
     fit_metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
     test_accuracy = trainer.test(model, datamodule, verbose=False)[0]["test/acc"]
     result = {
-        "noisy_labels": datamodule.train_noisy_labels,
+        "noisy_labels": datamodule.pool.given_labels,
         "history": callback.noise_matrix_history,
         "fit_metrics": fit_metrics,
         "test_acc": test_accuracy,

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from noisy_lightning import NoisyLabelClassifier
+from noisy_lightning import MLP, NoisyLabelClassifier
 
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
@@ -27,7 +27,13 @@ def quiet_trainer(**kwargs: Any) -> L.Trainer:
 
 class FrozenClassifier(NoisyLabelClassifier):
     """A classifier whose optimiser has learning rate 0: the weights stay at their seeded initialisation, so runs
-    on 1 and N processes (or interrupted and not) can be compared sample for sample."""
+    on 1 and N processes (or interrupted and not) can be compared sample for sample. No dropout and no shifts, so
+    that training-pass outputs do not depend on how the random draws are spread over ranks."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("net", MLP(dropout=0.0))
+        kwargs.setdefault("augment_shift", 0)
+        super().__init__(**kwargs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)

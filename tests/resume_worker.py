@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning.issues import score_pool
 
 
 class KillAt(L.Callback):
@@ -48,7 +49,8 @@ def main() -> None:
         lr_scheduler="cosine",
         augment_shift=1,
     )
-    em_callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step)
+    # One held round, so that the M-steps of rounds 2 and 3 update theta before the later kill points.
+    em_callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, hold_initial_rounds=1)
     callbacks: list[L.Callback] = [
         em_callback,
         ModelCheckpoint(dirpath=args.out / "checkpoints", every_n_train_steps=1, save_last=True, save_top_k=0),
@@ -71,12 +73,13 @@ def main() -> None:
     test_accuracy = trainer.test(model, datamodule, verbose=False)[0]["test/acc"]
     torch.save(
         {
-            "noisy_labels": datamodule.train_noisy_labels,
-            "val_indices": datamodule.val_indices,
+            "noisy_labels": datamodule.pool.given_labels,
+            "val_indices": datamodule.pool.val_indices,
             "noise_matrix": model.noise_matrix.cpu(),
             "history": em_callback.noise_matrix_history,
             "rounds": em_callback.rounds,
-            "posteriors": em_callback.posteriors.cpu(),
+            "posteriors": score_pool(model, datamodule.pool)[1],
+            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
             "weights": {key: value.cpu() for key, value in model.state_dict().items()},
             "optimizer": trainer.optimizers[0].state_dict(),
             "fit_metrics": fit_metrics,

@@ -13,20 +13,24 @@ from noisy_lightning import em as em_math
 
 def test_schedule() -> None:
     callback = EMNoiseEstimation(warmup_epochs=3, every_n_epochs=2)
-    assert [epoch for epoch in range(10) if callback.is_em_epoch(epoch)] == [2, 4, 6, 8]
+    assert [epoch for epoch in range(10) if callback.schedule.is_round_epoch(epoch)] == [2, 4, 6, 8]
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"warmup_epochs": 0}, "warmup_epochs must be an integer >= 1"),
+        ({"warmup_epochs": 2.0}, "warmup_epochs must be an integer >= 1, got 2.0"),
         ({"every_n_epochs": 0}, "every_n_epochs must be an integer >= 1"),
-        ({"e_step": "both"}, "e_step must be 'inference' or 'train_pass'"),
-        ({"convergence_tol": 0.0}, "convergence_tol must be > 0"),
-        ({"noise_matrix_from": "test"}, "noise_matrix_from must be 'train' or 'validation'"),
+        ({"e_step": "both"}, "e_step must be one of 'inference', 'train_pass'; got 'both'"),
+        ({"convergence_tol": 0.0}, r"convergence_tol must be a finite number in \(0, inf\)"),
+        ({"convergence_tol": "0.1"}, r"convergence_tol must be a finite number in \(0, inf\), got '0.1'"),
+        ({"freeze_noise_matrix_after": "2"}, "freeze_noise_matrix_after must be an integer >= 1, got '2'"),
+        ({"noise_matrix_from": "test"}, "noise_matrix_from must be one of 'train', 'validation'"),
         ({"noise_matrix_from": "validation", "e_step": "train_pass"}, "needs e_step='inference'"),
-        ({"initialisation": "uniform"}, "initialisation must be 'hard_confusion', 'soft_confusion' or 'balanced'"),
+        ({"initialisation": "uniform"}, "initialisation must be one of 'hard_confusion', 'soft_confusion'"),
         ({"hold_initial_rounds": -1}, "hold_initial_rounds must be an integer >= 0"),
+        ({"hold_initial_rounds": True}, "hold_initial_rounds must be an integer >= 0, got True"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
@@ -36,7 +40,7 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
 
 def test_callback_refuses_the_ce_method() -> None:
     trainer = quiet_trainer(callbacks=[EMNoiseEstimation()])
-    with pytest.raises(ValueError, match="needs NoisyLabelClassifier\\(method='em'\\)"):
+    with pytest.raises(ValueError, match="such as NoisyLabelClassifier\\(method='em'\\); the model has method='ce'"):
         trainer.fit(NoisyLabelClassifier(method="ce"), NoisyLabelDataModule())
 
 
@@ -44,22 +48,23 @@ def test_first_round_with_frozen_weights_matches_the_pure_functions() -> None:
     """The callback's first round equals the paper's init + E-step + M-step computed by hand from the same net."""
     L.seed_everything(0)
     datamodule = NoisyLabelDataModule(noise_type="uniform", noise_rate=0.5, batch_size=512)
-    model = FrozenClassifier(method="em")
+    model = FrozenClassifier(method="em", em_targets="stored")
     callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, initialisation="soft_confusion")
     quiet_trainer(callbacks=[callback]).fit(model, datamodule)
 
-    index = datamodule.train_indices
+    index = datamodule.pool.train_indices
     with torch.no_grad():
         model.eval()
-        probabilities = torch.softmax(model(datamodule.pool_images[index]), dim=1)
-    noisy = datamodule.train_noisy_labels[index]
+        probabilities = torch.softmax(model(datamodule.pool.images[index]), dim=1)
+    noisy = datamodule.pool.given_labels[index]
     initial = em_math.estimate_noise_matrix(probabilities, noisy, 10)
     posterior = em_math.posterior(probabilities.log(), initial, noisy)
     theta = em_math.estimate_noise_matrix(posterior, noisy, 10)
     assert torch.allclose(callback.initial_noise_matrix, initial, atol=1e-6)
     assert torch.allclose(model.noise_matrix.double(), theta, atol=1e-5)
-    assert torch.allclose(callback.posteriors[index], posterior, atol=1e-5)
-    assert callback.posteriors[datamodule.val_indices].abs().sum() == 0  # validation is never a target
+    table = model.noise_layer.posterior_table
+    assert torch.allclose(table[index], posterior, atol=1e-5)
+    assert table[datamodule.pool.val_indices].abs().sum() == 0  # validation is never a target
 
 
 @pytest.mark.parametrize("em_targets", ["stored", "online"])
@@ -92,8 +97,9 @@ def test_train_pass_e_step_runs_and_uses_every_training_sample() -> None:
     L.seed_everything(0)
     datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3, batch_size=256)
     callback = EMNoiseEstimation(warmup_epochs=1, e_step="train_pass")
-    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(NoisyLabelClassifier(method="em"), datamodule)
-    rows = callback.posteriors[datamodule.train_indices]
+    model = NoisyLabelClassifier(method="em", em_targets="stored")
+    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(model, datamodule)
+    rows = model.noise_layer.posterior_table[datamodule.pool.train_indices]
     assert torch.allclose(rows.sum(dim=1), torch.ones(len(rows)), atol=1e-5)
 
 
@@ -119,11 +125,11 @@ def test_held_rounds_keep_the_initialisation_then_the_m_step_starts() -> None:
     assert len(callback.noise_matrix_history) == 4
     assert torch.equal(callback.noise_matrix_history[0], initial)
     assert torch.equal(callback.noise_matrix_history[1], initial)
-    index = datamodule.train_indices
+    index = datamodule.pool.train_indices
     with torch.no_grad():
         model.eval()
-        probabilities = torch.softmax(model(datamodule.pool_images[index]), dim=1)
-    noisy = datamodule.train_noisy_labels[index]
+        probabilities = torch.softmax(model(datamodule.pool.images[index]), dim=1)
+    noisy = datamodule.pool.given_labels[index]
     expected = em_math.estimate_noise_matrix(em_math.posterior(probabilities.log(), initial, noisy), noisy, 10)
     torch.testing.assert_close(callback.noise_matrix_history[2].double(), expected, rtol=0, atol=1e-5)
 
@@ -135,11 +141,11 @@ def test_initialisation_choice_reaches_the_callback(initialisation: str) -> None
     model = FrozenClassifier(method="em")
     callback = EMNoiseEstimation(warmup_epochs=1, initialisation=initialisation)
     quiet_trainer(callbacks=[callback]).fit(model, datamodule)
-    index = datamodule.train_indices
+    index = datamodule.pool.train_indices
     with torch.no_grad():
         model.eval()
-        probabilities = torch.softmax(model(datamodule.pool_images[index]), dim=1)
-    noisy = datamodule.train_noisy_labels[index]
+        probabilities = torch.softmax(model(datamodule.pool.images[index]), dim=1)
+    noisy = datamodule.pool.given_labels[index]
     if initialisation == "balanced":
         probabilities = em_math.balanced_assignment(probabilities, torch.bincount(noisy, minlength=10))
     expected = em_math.initial_noise_matrix(probabilities, noisy, 10, hard=initialisation != "soft_confusion")
@@ -147,14 +153,17 @@ def test_initialisation_choice_reaches_the_callback(initialisation: str) -> None
 
 
 def test_frozen_noise_matrix_stays_fixed() -> None:
+    """No held rounds: rounds 1 and 2 run the M-step (theta moves), round 3 comes after the freeze (it does not)."""
     L.seed_everything(0)
-    callback = EMNoiseEstimation(warmup_epochs=1, freeze_noise_matrix_after=1)
+    callback = EMNoiseEstimation(warmup_epochs=1, freeze_noise_matrix_after=2, hold_initial_rounds=0)
     model = NoisyLabelClassifier(method="em")
     quiet_trainer(max_epochs=3, callbacks=[callback]).fit(
         model, NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3)
     )
-    assert torch.equal(callback.noise_matrix_history[1], callback.noise_matrix_history[0])
-    assert torch.equal(callback.noise_matrix_history[2], callback.noise_matrix_history[0])
+    history = callback.noise_matrix_history
+    assert not torch.equal(history[0], callback.initial_noise_matrix.float())
+    assert not torch.equal(history[1], history[0])
+    assert torch.equal(history[2], history[1])
 
 
 class NaNAfterWarmup(nn.Module):
@@ -191,24 +200,29 @@ def test_nan_network_is_caught_at_the_e_step_and_theta_is_kept() -> None:
 def test_checkpoint_round_trip_keeps_theta_and_posteriors(tmp_path: Path) -> None:
     L.seed_everything(0)
     datamodule = NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3)
-    model = NoisyLabelClassifier(method="em")
-    callback = EMNoiseEstimation(warmup_epochs=1)
+    model = NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[64], dropout=0.1), em_targets="stored")
+    callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0)
     trainer = quiet_trainer(max_epochs=2, callbacks=[callback], default_root_dir=tmp_path)
     trainer.fit(model, datamodule)
     path = tmp_path / "em.ckpt"
     trainer.save_checkpoint(path)
 
+    # No arguments: the net (a 64-unit MLP, not the default), theta and the posterior table all come back.
     restored_model = NoisyLabelClassifier.load_from_checkpoint(path)
+    assert not torch.equal(model.noise_matrix, torch.eye(10))
     assert torch.equal(restored_model.noise_matrix, model.noise_matrix)
+    assert torch.equal(restored_model.noise_layer.posterior_table, model.noise_layer.posterior_table)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(restored_model.state_dict()[name], weight), name
     restored_callback = EMNoiseEstimation(warmup_epochs=1)
     checkpoint = torch.load(path, weights_only=False)
     restored_callback.load_state_dict(checkpoint["callbacks"]["EMNoiseEstimation"])
     assert restored_callback.rounds == 2
-    assert torch.equal(restored_callback.posteriors, callback.posteriors.cpu())
+    assert torch.equal(restored_callback.noise_matrix_history[1], callback.noise_matrix_history[1])
 
     # Resuming training continues from the saved EM state (and the module sees the restored posteriors).
-    resumed_callback = EMNoiseEstimation(warmup_epochs=1)
-    resumed_model = NoisyLabelClassifier(method="em")
+    resumed_callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0)
+    resumed_model = NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[64], dropout=0.1), em_targets="stored")
     resumed = quiet_trainer(max_epochs=3, callbacks=[resumed_callback], default_root_dir=tmp_path)
     resumed.fit(resumed_model, NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3), ckpt_path=path)
     assert resumed_callback.rounds == 3
@@ -223,10 +237,10 @@ def test_resuming_with_another_noise_configuration_fails_loudly(tmp_path: Path) 
     path = tmp_path / "ce.ckpt"
     trainer.save_checkpoint(path)
     other = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.4)
-    with pytest.raises(ValueError, match="different data configuration: noise model"):
+    with pytest.raises(ValueError, match="another data configuration: noise model"):
         quiet_trainer(max_epochs=2, default_root_dir=tmp_path).fit(NoisyLabelClassifier(), other, ckpt_path=path)
     other_seed = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3, seed=5)
-    with pytest.raises(ValueError, match="different data configuration: seed"):
+    with pytest.raises(ValueError, match="another data configuration: seed"):
         quiet_trainer(max_epochs=2, default_root_dir=tmp_path).fit(NoisyLabelClassifier(), other_seed, ckpt_path=path)
 
 
@@ -240,3 +254,39 @@ def test_warns_when_the_fit_ends_before_the_first_round(max_epochs: int, warns: 
     assert bool(messages) == warns
     if warns:
         assert "warmup_epochs=2" in messages[0] and "max_epochs=1" in messages[0]
+
+
+def test_reusing_the_callback_object_in_a_second_fit_runs_em_again() -> None:
+    """A second fit with the same callback object starts its EM state afresh (it used to run no EM at all)."""
+    callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0)
+    thetas = []
+    for seed in (0, 1):
+        L.seed_everything(seed)
+        model = NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[32]))
+        quiet_trainer(max_epochs=2, callbacks=[callback]).fit(
+            model, NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3, seed=seed)
+        )
+        assert callback.rounds == 2 and len(callback.noise_matrix_history) == 2
+        assert not torch.equal(model.noise_matrix, torch.eye(10))
+        thetas.append(model.noise_matrix.clone())
+    assert not torch.equal(thetas[0], thetas[1])
+
+
+def test_defaults_are_the_measured_recipe() -> None:
+    """The shortest code gets the recipe of the results table; a default drifting back to the plain recipe fails."""
+    net = MLP()
+    assert net.init_args == {
+        "in_features": 784,
+        "hidden_sizes": [500, 300],
+        "num_classes": 10,
+        "activation": "relu",
+        "dropout": 0.5,
+        "batch_norm": False,
+    }
+    model = NoisyLabelClassifier(method="em")
+    assert model.hparams.net == {"class_path": "noisy_lightning.models.MLP", "init_args": net.init_args}
+    expected = {"lr": 1e-3, "optimizer": "adam", "lr_scheduler": "cosine", "augment_shift": 2, "em_targets": "online"}
+    assert {key: model.hparams[key] for key in expected} == expected
+    callback = EMNoiseEstimation()
+    assert callback.schedule == em_math.EMSchedule(warmup_epochs=6, every_n_epochs=1, hold_initial_rounds=3)
+    assert (callback.e_step, callback.initialisation) == ("inference", "hard_confusion")

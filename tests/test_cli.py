@@ -65,6 +65,22 @@ def test_fit_then_test_and_resume_from_last(tmp_path: Path) -> None:
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["epoch"] == 4  # continued from epoch 3 to the new max_epochs=5
 
+    # predict writes the predictions, theta and the ranked label issues into the run's folder
+    predict = cli("predict", *args, "--ckpt_path", "last", cwd=tmp_path)
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    folders = sorted((tmp_path / "lightning_logs").glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
+    written = {path.name for path in folders[-1].iterdir()}
+    assert {"predictions.csv", "noise_matrix.csv", "label_issues.csv"} <= written
+    issues = (folders[-1] / "label_issues.csv").read_text().splitlines()
+    assert len(issues) == 1 + 4000 and issues[0].startswith("index,given_label,corrected_label,score")
+
+    # a CLI-trained checkpoint loads with no arguments: the same net (from its class_path), theta and weights
+    from noisy_lightning import NoisyLabelClassifier
+
+    restored = NoisyLabelClassifier.load_from_checkpoint(last)
+    assert torch.equal(restored.noise_matrix, checkpoint["state_dict"]["noise_layer.noise_matrix"])
+    assert not torch.equal(restored.noise_matrix, torch.eye(10))
+
 
 def test_bad_value_is_reported_with_its_name(tmp_path: Path) -> None:
     result = cli(

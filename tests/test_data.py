@@ -107,10 +107,10 @@ def test_labels_outside_the_class_range(tmp_path: Path) -> None:
         ({"noise_type": "symmetric", "noise_rate": -0.1}, r"noise_rate must be in \[0, 1\)"),
         ({"noise_type": "bogus"}, "noise_type must be one of"),
         ({"dataset": "cifar"}, "dataset must be one of 'mnist_sample', 'mnist', 'fashion_mnist', 'kmnist'"),
-        ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
-        ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
-        ({"batch_size": 0}, "batch_size must be a positive integer"),
-        ({"batch_size": -5}, "batch_size must be a positive integer"),
+        ({"val_fraction": 0.0}, r"val_fraction must be a finite number in \(0, 1\)"),
+        ({"val_fraction": 1.0}, r"val_fraction must be a finite number in \(0, 1\)"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"batch_size": -5}, "batch_size must be an integer >= 1"),
         ({"noise_type": "custom", "transition_matrix": [[0.5, 0.5], [0.5, 0.5]]}, r"expected shape \(10, 10\)"),
         ({"noise_type": "custom", "transition_matrix": [[0.9] * 10] * 10}, "rows must sum to 1"),
     ],
@@ -128,24 +128,24 @@ def sample() -> NoisyLabelDataModule:
 
 
 def test_sample_ships_with_the_package(sample: NoisyLabelDataModule) -> None:
-    assert sample.pool_size == 4000
+    assert sample.pool.size == 4000
     assert sample.test_labels.numel() == 1000
-    assert torch.bincount(sample.train_clean_labels).tolist() == [400] * 10
-    assert sample.pool_images.dtype == torch.float32 and sample.pool_images.shape == (4000, 784)
-    assert abs(sample.pool_images.mean().item()) < 0.1  # normalised
+    assert torch.bincount(sample.pool.clean_labels).tolist() == [400] * 10
+    assert sample.pool.images.dtype == torch.float32 and sample.pool.images.shape == (4000, 784)
+    assert abs(sample.pool.images.mean().item()) < 0.1  # normalised
 
 
 def test_setup_runs_once_and_says_so() -> None:
     datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.4, seed=3)
     assert not datamodule.is_set_up
     datamodule.setup("fit")
-    labels = datamodule.train_noisy_labels
+    labels = datamodule.pool.given_labels
     datamodule.setup("test")  # a second call keeps the tensors it has
-    assert datamodule.is_set_up and datamodule.train_noisy_labels is labels
+    assert datamodule.is_set_up and datamodule.pool.given_labels is labels
 
 
 def test_split_is_a_partition_of_the_noisy_pool(sample: NoisyLabelDataModule) -> None:
-    train, val = set(sample.train_indices.tolist()), set(sample.val_indices.tolist())
+    train, val = set(sample.pool.train_indices.tolist()), set(sample.pool.val_indices.tolist())
     assert not train & val
     assert train | val == set(range(4000))
     assert len(val) == 400
@@ -156,19 +156,19 @@ def test_training_batches_carry_noisy_labels_and_pool_indices_never_clean_ones(s
     seen = []
     for x, labels, index in sample.train_dataloader():
         assert x.shape[1] == 784 and x.dtype == torch.float32
-        assert torch.equal(labels, sample.train_noisy_labels[index])
-        assert torch.equal(x, sample.pool_images[index])
+        assert torch.equal(labels, sample.pool.given_labels[index])
+        assert torch.equal(x, sample.pool.images[index])
         seen.append(index)
     seen_all = torch.cat(seen)
-    assert sorted(seen_all.tolist()) == sample.train_indices.tolist()
-    flipped = sample.train_noisy_labels[seen_all] != sample.train_clean_labels[seen_all]
+    assert sorted(seen_all.tolist()) == sample.pool.train_indices.tolist()
+    flipped = sample.pool.given_labels[seen_all] != sample.pool.clean_labels[seen_all]
     assert flipped.float().mean() > 0.3  # the labels served really are the corrupted ones
 
 
 def test_validation_is_noisy_and_test_is_clean(sample: NoisyLabelDataModule) -> None:
     _, noisy, clean = next(iter(sample.val_dataloader()))
-    assert torch.equal(noisy, sample.train_noisy_labels[sample.val_indices][: len(noisy)])
-    assert torch.equal(clean, sample.train_clean_labels[sample.val_indices][: len(clean)])
+    assert torch.equal(noisy, sample.pool.given_labels[sample.pool.val_indices][: len(noisy)])
+    assert torch.equal(clean, sample.pool.clean_labels[sample.pool.val_indices][: len(clean)])
     _, test_labels = next(iter(sample.test_dataloader()))
     assert torch.equal(test_labels, sample.test_labels[: len(test_labels)])
 
@@ -180,18 +180,18 @@ def test_same_seed_same_labels_and_split_other_seed_differs() -> None:
         return datamodule
 
     first, again, other_batch, other_seed = build(1), build(1), build(1, batch_size=500), build(2)
-    assert torch.equal(first.train_noisy_labels, again.train_noisy_labels)
-    assert torch.equal(first.train_noisy_labels, other_batch.train_noisy_labels)
-    assert torch.equal(first.val_indices, again.val_indices)
-    assert not torch.equal(first.train_noisy_labels, other_seed.train_noisy_labels)
-    assert not torch.equal(first.val_indices, other_seed.val_indices)
+    assert torch.equal(first.pool.given_labels, again.pool.given_labels)
+    assert torch.equal(first.pool.given_labels, other_batch.pool.given_labels)
+    assert torch.equal(first.pool.val_indices, again.pool.val_indices)
+    assert not torch.equal(first.pool.given_labels, other_seed.pool.given_labels)
+    assert not torch.equal(first.pool.val_indices, other_seed.pool.val_indices)
 
 
 def test_full_mnist_loads(mnist_dir: Path) -> None:
     datamodule = NoisyLabelDataModule(dataset="mnist", data_dir=str(mnist_dir), noise_type="uniform", noise_rate=0.5)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    assert datamodule.pool_size == 60_000 and datamodule.test_labels.numel() == 10_000
+    assert datamodule.pool.size == 60_000 and datamodule.test_labels.numel() == 10_000
     assert abs(datamodule.corruption.flip_rate - 0.45) < 0.01
 
 
@@ -203,4 +203,4 @@ def test_gzip_only_folder_loads(tmp_path: Path) -> None:
         path.unlink()
     datamodule = NoisyLabelDataModule(dataset="kmnist", data_dir=str(folder), val_fraction=0.5)
     datamodule.setup("fit")
-    assert datamodule.pool_size == 60
+    assert datamodule.pool.size == 60

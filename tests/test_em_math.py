@@ -157,9 +157,9 @@ def test_balanced_initialisation_separates_a_two_cycle_that_the_argmax_merges() 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sharpness": 0.0}, "sharpness must be > 0"),
+        ({"sharpness": 0.0}, r"sharpness must be a finite number in \(0"),
         ({"max_iterations": 0}, "max_iterations must be an integer >= 1"),
-        ({"tolerance": 0.0}, "tolerance must be > 0"),
+        ({"tolerance": 0.0}, r"tolerance must be a finite number in \(0"),
         ({"class_frequencies": torch.ones(4)}, "class_frequencies must be 3 non-negative numbers"),
         ({"class_frequencies": torch.tensor([1.0, -1.0, 1.0])}, "class_frequencies must be 3 non-negative numbers"),
         ({"class_frequencies": torch.zeros(3)}, "with a positive sum"),

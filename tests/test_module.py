@@ -10,11 +10,11 @@ from noisy_lightning.augment import random_shift
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"hidden_sizes": [500, 0]}, "hidden_sizes must hold positive integers"),
+        ({"hidden_sizes": [500, 0]}, "each of hidden_sizes must be an integer >= 1, got 0"),
         ({"activation": "swishy"}, "activation must be one of 'relu'"),
-        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout must be a finite number in \[0, 1\), got 1.0"),
         ({"num_classes": 1}, "num_classes must be an integer >= 2"),
-        ({"in_features": 0}, "in_features must be a positive integer"),
+        ({"in_features": 0}, "in_features must be an integer >= 1"),
     ],
 )
 def test_mlp_bad_arguments(kwargs: dict, message: str) -> None:
@@ -26,11 +26,14 @@ def test_mlp_bad_arguments(kwargs: dict, message: str) -> None:
     ("kwargs", "message"),
     [
         ({"method": "coteaching"}, "method must be one of 'ce', 'em'"),
-        ({"lr": 0.0}, "lr must be a positive number"),
-        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+        ({"lr": 0.0}, r"lr must be a finite number in \(0, inf\)"),
+        ({"lr": True}, r"lr must be a finite number in \(0, inf\), got True"),
+        ({"weight_decay": -1.0}, r"weight_decay must be a finite number in \[0, inf\)"),
+        ({"weight_decay": float("inf")}, r"weight_decay must be a finite number in \[0, inf\), got inf"),
         ({"optimizer": "lbfgs"}, "optimizer must be one of"),
         ({"augment_shift": -1}, "augment_shift must be an integer >= 0"),
-        ({"em_targets": "hard"}, "em_targets must be 'stored' or 'online'"),
+        ({"em_targets": "hard"}, "em_targets must be one of 'online', 'stored'"),
+        ({"em_targets": "hard", "method": "ce"}, "em_targets must be one of 'online', 'stored'"),
     ],
 )
 def test_classifier_bad_arguments(kwargs: dict, message: str) -> None:
@@ -92,7 +95,9 @@ def test_class_count_mismatch_between_model_and_data() -> None:
 
 def test_net_with_wrong_output_width_is_named() -> None:
     trainer = quiet_trainer(fast_dev_run=True)
-    with pytest.raises(ValueError, match=r"net returned logits of shape \(256, 7\); expected \[batch, 10\]"):
+    with pytest.raises(
+        ValueError, match=r"net returned logits of shape \(2, 7\); expected \[batch, num_classes\] = \[2, 10\]"
+    ):
         trainer.fit(NoisyLabelClassifier(net=MLP(num_classes=7)), NoisyLabelDataModule())
 
 

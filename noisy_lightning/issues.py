@@ -1,0 +1,149 @@
+"""Which given labels are wrong: the posterior of the true label under the fitted network and ``theta``.
+
+:func:`find_label_issues` scores every sample of the training pool (train and validation splits) with the final
+network and the model's noise matrix, and returns a :class:`LabelIssues` table ranked from the most to the least
+likely wrong label. It answers the question that cleanlab's ``find_label_issues`` answers, from the EM model
+instead of out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from noisy_lightning.contract import NoisyPool, require_noisy_label_data
+from noisy_lightning.files import atomic_write
+
+
+@torch.no_grad()
+def score_pool(model: L.LightningModule, pool: NoisyPool, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """``(p(y | x), posterior c)`` for every row of ``pool``, on the CPU, from ``model`` in eval mode.
+
+    ``c[t, i] ∝ p(y = i | x_t) theta[i, z_t]`` with the model's noise matrix ``theta`` (the identity for a
+    cross-entropy model, where ``c = p(y | x)``).
+    """
+    was_training = model.training
+    model.eval()
+    probabilities, posteriors = [], []
+    try:
+        for images, labels in zip(pool.images.split(batch_size), pool.given_labels.split(batch_size), strict=True):
+            logits = model(images.to(model.device)).float()
+            probabilities.append(torch.softmax(logits, dim=1).cpu())
+            posteriors.append(model.noise_layer.posterior(logits, labels.to(model.device)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(probabilities), torch.cat(posteriors)
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """Per-sample verdicts on the given labels of the training pool, ranked by :attr:`score` (lowest first).
+
+    Attributes (one row per pool sample, all in the same ranked order):
+        index: the sample's row in the training pool (``datamodule.pool``).
+        given_label: the label as given.
+        posterior: ``[N, K]`` posterior of the true label, ``c[t, i] = P(y = i | x_t, z_t)``.
+        corrected_label: ``argmax_i c[t, i]``.
+        score: label quality ``c[t, z_t]`` in ``[0, 1]``, the posterior probability that the given label is the
+            true one; lower means more likely wrong. (cleanlab's default ``label_quality`` is the
+            "self-confidence" ``p(y = z_t | x_t)`` of out-of-fold predictions; this score also weighs in the
+            noise matrix, through ``theta[:, z_t]``.)
+        is_issue: ``corrected_label != given_label``: some other class is more probable than the given one.
+        in_validation: whether the sample is in the validation split (never trained on).
+        noise_matrix: the model's ``theta``, ``theta[i, j] = P(given = j | true = i)``, rows = true class.
+            cleanlab's ``noise_matrix`` is its transpose, ``P(given = i | true = j)``.
+    """
+
+    index: Tensor
+    given_label: Tensor
+    posterior: Tensor
+    corrected_label: Tensor
+    score: Tensor
+    is_issue: Tensor
+    in_validation: Tensor
+    noise_matrix: Tensor
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    @property
+    def num_issues(self) -> int:
+        return int(self.is_issue.sum())
+
+    def to_csv(self, path: str | os.PathLike[str]) -> Path:
+        """Write one row per sample, ranked: ``index, given_label, corrected_label, score, is_issue, split,
+        posterior_0 .. posterior_{K-1}``. The file appears whole or not at all."""
+        path = Path(path)
+        num_classes = self.posterior.shape[1]
+        with atomic_write(path, newline="") as stream:
+            writer = csv.writer(stream)
+            header = ["index", "given_label", "corrected_label", "score", "is_issue", "split"]
+            writer.writerow(header + [f"posterior_{k}" for k in range(num_classes)])
+            for row in range(len(self)):
+                writer.writerow(
+                    [
+                        int(self.index[row]),
+                        int(self.given_label[row]),
+                        int(self.corrected_label[row]),
+                        f"{float(self.score[row]):.6g}",
+                        int(self.is_issue[row]),
+                        "validation" if self.in_validation[row] else "train",
+                        *(f"{value:.6g}" for value in self.posterior[row].tolist()),
+                    ]
+                )
+        return path
+
+
+def write_noise_matrix_csv(noise_matrix: Tensor, path: str | os.PathLike[str]) -> Path:
+    """Write ``theta`` as CSV: a header ``true_class, given_0 .. given_{K-1}``, then one row per true class."""
+    path = Path(path)
+    with atomic_write(path, newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["true_class", *(f"given_{j}" for j in range(noise_matrix.shape[1]))])
+        for i, row in enumerate(noise_matrix.double().cpu().tolist()):
+            writer.writerow([i, *(f"{value:.6g}" for value in row)])
+    return path
+
+
+def find_label_issues(model: L.LightningModule, datamodule: L.LightningDataModule) -> LabelIssues:
+    """Rank the given labels of ``datamodule``'s training pool by how likely they are to be wrong.
+
+    Args:
+        model: a fitted :class:`~noisy_lightning.NoisyLabelClassifier` (any method; with ``"ce"`` the posterior is
+            the network's ``p(y | x)``).
+        datamodule: a DataModule implementing :class:`~noisy_lightning.contract.NoisyLabelData`; set up here if
+            it is not yet.
+
+    Returns:
+        :class:`LabelIssues`, sorted by ``score`` ascending (ties by pool index), so the first rows are the labels
+        most likely wrong.
+    """
+    data = require_noisy_label_data(datamodule, "find_label_issues")
+    if not getattr(datamodule, "is_set_up", True):
+        datamodule.setup("fit")
+    pool = data.pool
+    if model.noise_layer.num_classes != pool.num_classes:
+        raise ValueError(f"the model has {model.noise_layer.num_classes} classes but the data has {pool.num_classes}")
+    _, posterior = score_pool(model, pool)
+    given = pool.given_labels.long()
+    score = posterior.gather(1, given.unsqueeze(1)).squeeze(1)
+    order = torch.argsort(score, stable=True)
+    corrected = posterior.argmax(dim=1)
+    in_validation = torch.zeros(pool.size, dtype=torch.bool)
+    in_validation[pool.val_indices] = True
+    return LabelIssues(
+        index=order,
+        given_label=given[order],
+        posterior=posterior[order],
+        corrected_label=corrected[order],
+        score=score[order],
+        is_issue=(corrected != given)[order],
+        in_validation=in_validation[order],
+        noise_matrix=model.noise_layer.noise_matrix.detach().cpu().double(),
+    )
