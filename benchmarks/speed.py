@@ -2,9 +2,11 @@
 
     NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/speed.py            # CPU table + scale + memory
     NOISY_LIGHTNING_DATA=... python benchmarks/speed.py --accelerator gpu        # the same on a GPU
+    python benchmarks/speed.py --dataset mnist_sample --skip torchvision         # a quick run on the shipped sample
 
-Contenders, all with the same 784-500-10 MLP, Adam, full MNIST (54,000 training digits after the 10% validation
-split; the bare loop and the torchvision pipeline get the same 54,000) and the same batch size, on one device:
+Contenders, all with the same 784-500-10 MLP, Adam, the same training split (MNIST's training digits less the
+validation split that ``NoisyLabelDataModule`` holds out; the bare loop and the torchvision pipeline train on the same
+digits) and the same batch size, on one device:
 
 1. ``bare``: a hand-written loop over tensors already in memory (``randperm``, index, forward, backward, step);
 2. ``torchvision``: the usual recipe, ``torchvision.datasets.MNIST`` with ``ToTensor``/``Normalize`` through a
@@ -19,38 +21,38 @@ The contenders are interleaved in one process, round after round, so that the ma
 each reported epoch time is the median over the measured epochs (the first epoch of every run is a warm-up and
 is not measured). The Trainers run without validation, logger, checkpointing or progress bar, so the epoch is the
 training loop itself (plus, for EM, its E-step). Peak resident memory is measured per contender in a fresh
-subprocess (``ru_maxrss`` after one epoch). Results go to ``benchmarks/results/speed.md`` and ``speed.csv``.
+subprocess (``VmHWM`` of ``/proc/self/status`` after its two epochs). Results go to ``benchmarks/results/speed.md``
+and ``speed.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from common import QUIET_TRAINER, RESULTS, command_line, commit, machine, metadata_line, write_table, write_text
 from torch import nn
 
 from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
 
-RESULTS = Path(__file__).parent / "results"
 HIDDEN = [500]
 FEATURES, CLASSES = 784, 10
 CONTENDERS = ("bare", "torchvision", "ours_ce", "ours_em", "ours_em_train_pass")
+RAM_GIB = 24  # the memory of a typical workstation, for the extrapolation of the largest pool
 
 
 # ---- the network and the FLOP floor -------------------------------------------------------------------------------
@@ -117,10 +119,23 @@ class TiledDataModule(NoisyLabelDataModule):
         )
 
 
-def build_datamodule(data_dir: str, batch_size: int, tile: int = 1) -> TiledDataModule:
-    datamodule = TiledDataModule(tile=tile, dataset="mnist", data_dir=data_dir, batch_size=batch_size)
+def build_datamodule(args: argparse.Namespace, batch_size: int, tile: int = 1) -> TiledDataModule:
+    datamodule = TiledDataModule(tile=tile, dataset=args.dataset, data_dir=args.data_dir, batch_size=batch_size)
     datamodule.setup("fit")
     return datamodule
+
+
+class Sizes(NamedTuple):
+    """What one epoch covers, read from the data module rather than assumed."""
+
+    train: int  # samples in the training split: one epoch
+    pool: int  # the training pool: the training split plus the validation split
+    image_bytes: int  # one float32 image as the pool holds it
+
+    @classmethod
+    def of(cls, datamodule: NoisyLabelDataModule) -> Sizes:
+        pool = datamodule.pool
+        return cls(len(pool.train_indices), pool.size, pool.images[0].numel() * pool.images.element_size())
 
 
 # ---- contenders ---------------------------------------------------------------------------------------------------
@@ -152,19 +167,15 @@ def trainer_for(args: argparse.Namespace, epochs: int, callbacks: list[L.Callbac
         precision=args.precision,
         max_epochs=epochs,
         limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
+        **QUIET_TRAINER,
     )
 
 
 def run_ours(
     args: argparse.Namespace, method: str, batch_size: int, epochs: int, tile: int = 1, e_step: str = "inference"
 ) -> list[float]:
-    datamodule = build_datamodule(args.data_dir, batch_size, tile)
+    datamodule = build_datamodule(args, batch_size, tile)
     model = NoisyLabelClassifier(net=make_net(), method=method, augment_shift=0, lr_scheduler="none")
     timer = EpochTimer(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
     callbacks: list[L.Callback] = [timer]
@@ -177,7 +188,7 @@ def run_ours(
 
 def run_bare(args: argparse.Namespace, batch_size: int, epochs: int) -> list[float]:
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    datamodule = build_datamodule(args.data_dir, batch_size)
+    datamodule = build_datamodule(args, batch_size)
     images = datamodule.pool.images[datamodule.pool.train_indices].to(device)
     labels = datamodule.pool.given_labels[datamodule.pool.train_indices].to(device)
     net = make_net().to(device)
@@ -217,7 +228,7 @@ def run_torchvision(args: argparse.Namespace, batch_size: int, epochs: int) -> l
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     dataset = datasets.MNIST(args.data_dir, train=True, transform=transform)
-    train = Subset(dataset, build_datamodule(args.data_dir, batch_size).pool.train_indices.tolist())
+    train = Subset(dataset, build_datamodule(args, batch_size).pool.train_indices.tolist())
     loader = DataLoader(train, batch_size=batch_size, shuffle=True)
     timer = EpochTimer(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
     trainer_for(args, epochs, [timer]).fit(PlainClassifier(), loader)
@@ -253,6 +264,8 @@ def measure_in_subprocess(args: argparse.Namespace, name: str, batch_size: int, 
         __file__,
         "--child",
         json.dumps({"name": name, "batch_size": batch_size, "tile": tile}),
+        "--dataset",
+        args.dataset,
         "--data-dir",
         args.data_dir,
         "--accelerator",
@@ -277,32 +290,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
-def machine_description(args: argparse.Namespace) -> str:
-    if args.accelerator == "gpu":
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical CPUs), "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-        f"lightning {L.__version__}"
-    )
-
-
-def atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "mnist_sample"])
     parser.add_argument("--data-dir", default=os.environ.get("NOISY_LIGHTNING_DATA", "./data"))
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="32-true")
@@ -318,14 +308,17 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    contenders = [name for name in CONTENDERS if name not in args.skip]
+    if args.dataset != "mnist" and "torchvision" in contenders:
+        parser.error("the torchvision contender reads MNIST's own files: add --skip torchvision")
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("--accelerator gpu: no CUDA device is visible")
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
-    contenders = [name for name in CONTENDERS if name not in args.skip]
-    build_datamodule(args.data_dir, 512)  # fail early, with the data module's message, when MNIST is missing
+    # Built first so that missing data fails early, with the data module's message.
+    sizes = Sizes.of(build_datamodule(args, 512))
+    samples = sizes.train
 
     rows: list[dict[str, object]] = []
-    samples = 54_000
     for batch_size in args.batch_sizes:
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for round_index in range(args.rounds):
@@ -356,31 +349,31 @@ def main() -> None:
     for tile in args.tiles:
         for method in ("ours_ce", "ours_em"):
             result = measure_in_subprocess(args, method, 512, tile)
-            scale.append({"tile": tile, "contender": method, "samples": samples * tile, **result})
+            scale.append(
+                {"tile": tile, "contender": method, "samples": samples * tile, "pool": sizes.pool * tile, **result}
+            )
             print(f"tile {tile} {method}: {result}", flush=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(handle.name, args.out.with_suffix(".csv"))
-    atomic_write(
-        args.out.with_suffix(".md"),
-        report(args, rows, memory, scale, floor_rate, floor_seconds, machine_description(args)),
+    metadata = metadata_line(command_line(), commit(), machine(args.accelerator))
+    write_table(args.out.with_suffix(".csv"), list(rows[0]), rows)
+    write_text(
+        args.out.with_suffix(".md"), report(args, sizes, rows, memory, scale, floor_rate, floor_seconds, metadata)
     )
     print(args.out.with_suffix(".md").read_text())
 
 
 def report(
     args: argparse.Namespace,
+    sizes: Sizes,
     rows: list[dict[str, object]],
     memory: dict[str, float],
     scale: list[dict[str, object]],
     floor_rate: float,
     floor_seconds: float,
-    machine: str,
-) -> str:
+    metadata: str,
+) -> list[str]:
+    """The lines of ``speed.md``."""
+
     def median(batch_size: int, name: str) -> float | None:
         for row in rows:
             if row["batch_size"] == batch_size and row["contender"] == name:
@@ -392,16 +385,12 @@ def report(
         return "-" if a is None or b is None else f"{a / b:.2f}"
 
     lines = [
-        f"# Speed: one epoch of full MNIST ({args.accelerator}, {args.precision})",
+        f"# Speed: one epoch of {args.dataset} ({args.accelerator}, {args.precision})",
         "",
-        f"Machine: {machine}.",
+        metadata,
         "",
-        "Command: `NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/speed.py"
-        + (" --accelerator gpu" if args.accelerator == "gpu" else "")
-        + "`",
-        "",
-        "784-500-10 MLP, Adam, 54,000 training digits, no validation during the timed epochs. Median epoch time "
-        f"over {args.rounds} interleaved rounds (first epoch of each run not measured).",
+        f"784-500-10 MLP, Adam, {sizes.train:,} training samples, no validation during the timed epochs. Median "
+        f"epoch time over {args.rounds} interleaved rounds (first epoch of each run not measured).",
         "",
         "| batch | contender | median epoch (s) | samples/s | peak RSS (MiB) |",
         "|---|---|---|---|---|",
@@ -428,11 +417,12 @@ def report(
     ours_512 = median(512, "ours_ce")
     lines += [
         "",
-        f"FLOP floor: {flops_per_sample() * 54_000 / 1e9:.0f} GFLOP per epoch (forward + backward) at the measured "
-        f"{floor_rate / 1e9:.0f} GFLOP/s of a `[512, 784] @ [784, 500]` product = {floor_seconds:.2f} s; "
+        f"FLOP floor: {flops_per_sample() * sizes.train / 1e9:.0f} GFLOP per epoch (forward + backward) at the "
+        f"measured {floor_rate / 1e9:.0f} GFLOP/s of a `[512, 784] @ [784, 500]` product = {floor_seconds:.2f} s; "
         + (f"ours_ce at batch 512 is {ours_512 / floor_seconds:.2f}x the floor (target <= 1.6x)." if ours_512 else ""),
         "",
-        "## Scale: the training pool tiled 1x, 4x, 16x (batch 512, one epoch each, fresh process each)",
+        f"## Scale: the training pool tiled {', '.join(f'{tile}x' for tile in args.tiles)} (batch 512, one epoch "
+        "each, fresh process each)",
         "",
         "| tile | samples | contender | epoch (s) | s per 100k samples | peak RSS (MiB) |",
         "|---|---|---|---|---|---|",
@@ -443,29 +433,21 @@ def report(
             f"| {entry['tile']}x | {int(entry['samples']):,} | {entry['contender']} | "
             f"{float(entry['epoch_seconds']):.2f} | {per_100k:.2f} | {float(entry['peak_rss_mib']):,.0f} |"
         )
-    em_points = [(int(e["samples"]) * 10 / 9, float(e["peak_rss_mib"])) for e in scale if e["contender"] == "ours_em"]
+    em_points = [(int(e["pool"]), float(e["peak_rss_mib"])) for e in scale if e["contender"] == "ours_em"]
     if len(em_points) >= 2 and em_points[-1][1] > em_points[0][1]:
         (n0, m0), (n1, m1) = em_points[0], em_points[-1]
         slope = (m1 - m0) / (n1 - n0)  # MiB per pool sample
         intercept = m0 - slope * n0
-        largest = (24 * 1024 - intercept) / slope
+        largest = (RAM_GIB * 1024 - intercept) / slope
         lines += [
             "",
             f"Memory grows by {slope * 1024 * 1024:,.0f} bytes per pool sample with EM (a line through the "
             f"{args.tiles[0]}x and {args.tiles[-1]}x points; intercept {intercept:,.0f} MiB): the float32 "
-            "image (3,136 bytes), its copy in the training split, labels and indices, and the N x K posterior "
-            "table and E-step sums. Nothing is N x N. Extrapolated, the largest pool that fits in 24 GiB of RAM "
-            f"is about {largest / 1e6:.1f} million MNIST-sized samples.",
+            f"image ({sizes.image_bytes:,} bytes), its copy in the training split, labels and indices, and the "
+            f"N x K posterior table and E-step sums. Nothing is N x N. Extrapolated, the largest pool that fits in "
+            f"{RAM_GIB} GiB of RAM is about {largest / 1e6:.1f} million samples of this size.",
         ]
-    if args.accelerator == "cpu":
-        lines += [
-            "",
-            "## GPU",
-            "",
-            "No GPU was lent to the session that produced this file, so there is no GPU row: run "
-            "`python benchmarks/speed.py --accelerator gpu` on a machine with one.",
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Public API::
     from noisy_lightning import find_label_issues
 """
 
+from noisy_lightning import quiet
 from noisy_lightning.callbacks import EMNoiseEstimation, NoisyLabelFigures
 from noisy_lightning.contract import NoisyLabelData, NoisyPool
 from noisy_lightning.data import NoisyLabelDataModule
@@ -31,3 +32,5 @@ __all__ = [
     "find_label_issues",
 ]
 __version__ = "0.2.0"
+
+quiet.install()

@@ -103,18 +103,20 @@ class EMNoiseEstimation(L.Callback):
         self.noise_matrix_history: list[Tensor] = []  # theta after each round, on the CPU
         self.metrics: dict[str, float] = {}
         self._train_pass: em.ProbabilitySums | None = None  # train_pass E-step sums of the current round epoch
+        self.active = True  # False for a model without an EM noise layer: the callback then does nothing
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._reset()  # a new fit starts afresh; a resumed one gets its state back from load_state_dict afterwards
-        layer = getattr(pl_module, "noise_layer", None)
-        if not getattr(layer, "estimated_by_em", False):
-            raise ValueError(
-                "EMNoiseEstimation needs a model whose noise layer EM estimates, such as "
-                f"NoisyLabelClassifier(method='em'); the model has method={getattr(pl_module, 'method', None)!r}. "
-                "For a cross-entropy baseline, leave this callback out (on the CLI: --trainer.callbacks '[]')."
+        self.active = getattr(getattr(pl_module, "noise_layer", None), "estimated_by_em", False)
+        if not self.active:
+            # So that one flag (--model.method ce) turns a shipped EM config into its cross-entropy baseline.
+            rank_zero_warn(
+                f"EMNoiseEstimation is off for this fit: the model's method={getattr(pl_module, 'method', None)!r} "
+                "has no noise matrix for EM to estimate (use method='em' for EM)."
             )
+            return
         require_noisy_label_data(trainer.datamodule, "EMNoiseEstimation")
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs < self.schedule.warmup_epochs:
             rank_zero_warn(  # not an error: a short fit that a later fit resumes is legitimate
@@ -138,6 +140,8 @@ class EMNoiseEstimation(L.Callback):
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
     def _run_due_round(self, trainer: L.Trainer, pl_module: L.LightningModule, through_epoch: int) -> None:
+        if not self.active:
+            return
         due = self.schedule.latest_round_epoch(through_epoch)
         if due is not None and due > self.last_round_epoch:
             self.em_round(trainer, pl_module, epoch=due)
@@ -146,7 +150,7 @@ class EMNoiseEstimation(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.e_step != "train_pass" or not self.schedule.is_round_epoch(trainer.current_epoch):
+        if not self.active or self.e_step != "train_pass" or not self.schedule.is_round_epoch(trainer.current_epoch):
             return
         if self._train_pass is None:  # sums restored from a mid-epoch checkpoint of this epoch are kept
             pool = trainer.datamodule.pool
@@ -239,16 +243,16 @@ def _mask(indices: Tensor, scored: Tensor) -> Tensor:
 class NoisyLabelFigures(L.Callback):
     """Draw the figures of :mod:`noisy_lightning.plots` during ``fit`` and put them where Lightning users look.
 
-    Each figure is saved as a PNG under ``<trainer.log_dir>/figures/`` and, with a TensorBoard logger, logged to
-    its Images tab. After each EM round: the noise matrix (``theta``, and the true ``T`` and the difference when
-    the data knows it). At the end of fit: the correction grid, the confusion matrices (when the data knows the
-    clean labels) and the training curves. Figures are drawn on global rank 0 only.
+    Each figure is saved as a PNG and a PDF under ``<trainer.log_dir>/figures/`` and, with a TensorBoard logger,
+    logged to its Images tab. After each EM round: the noise matrix (``theta``, and the true ``T`` and the
+    difference when the data knows it). At the end of fit: the correction grid, the confusion matrices (when the
+    data knows the clean labels) and the training curves. Figures are drawn on global rank 0 only.
 
     Args:
         grid_size: the correction grid is ``grid_size x grid_size`` images, in ``[1, 30]``.
         grid_selection: ``"first"``, ``"random"``, ``"most_confident"`` or ``"least_confident"`` changes.
         track_test_accuracy: evaluate the test set after every epoch for the curves (synthetic experiments).
-        dpi: resolution of the PNG files, in ``[30, 600]``.
+        dpi: resolution of the PNG files, in ``[30, 600]`` (the PDFs are vector graphics).
     """
 
     def __init__(
@@ -256,7 +260,7 @@ class NoisyLabelFigures(L.Callback):
         grid_size: int = 10,
         grid_selection: Literal["first", "random", "most_confident", "least_confident"] = "random",
         track_test_accuracy: bool = True,
-        dpi: int = 80,
+        dpi: int = 150,
     ) -> None:
         super().__init__()
         self.grid_size = check_int("grid_size", grid_size, 1, 30)
@@ -291,15 +295,9 @@ class NoisyLabelFigures(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(name, figure, global_step=trainer.global_step, close=False)
 
-    @torch.no_grad()
-    def _predict(self, pl_module: L.LightningModule, images: Tensor) -> Tensor:
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            batches = [pl_module(chunk.to(pl_module.device)).argmax(dim=1).cpu() for chunk in images.split(4096)]
-        finally:
-            pl_module.train(was_training)
-        return torch.cat(batches)
+    @staticmethod
+    def _predict(pl_module: L.LightningModule, images: Tensor) -> Tensor:
+        return pl_module.logits_of(images).argmax(dim=1)
 
     def _record_epoch(self, trainer: L.Trainer, epoch: int) -> None:
         for key, value in trainer.callback_metrics.items():
@@ -384,4 +382,5 @@ class NoisyLabelFigures(L.Callback):
         test_images = getattr(trainer.datamodule, "test_images", None)
         if test_images is not None:
             comparisons["test: prediction"] = (trainer.datamodule.test_labels, self._predict(pl_module, test_images))
-        self._emit(trainer, plots.confusion_matrices_figure(comparisons, pool.num_classes), "confusion_matrices")
+        figure = plots.confusion_matrices_figure(comparisons, pool.num_classes, other_name="label compared")
+        self._emit(trainer, figure, "confusion_matrices")

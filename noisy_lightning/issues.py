@@ -21,24 +21,16 @@ from noisy_lightning.contract import NoisyPool, require_noisy_label_data
 from noisy_lightning.files import atomic_write
 
 
-@torch.no_grad()
 def score_pool(model: L.LightningModule, pool: NoisyPool, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
     """``(p(y | x), posterior c)`` for every row of ``pool``, on the CPU, from ``model`` in eval mode.
 
     ``c[t, i] ∝ p(y = i | x_t) theta[i, z_t]`` with the model's noise matrix ``theta`` (the identity for a
     cross-entropy model, where ``c = p(y | x)``).
     """
-    was_training = model.training
-    model.eval()
-    probabilities, posteriors = [], []
-    try:
-        for images, labels in zip(pool.images.split(batch_size), pool.given_labels.split(batch_size), strict=True):
-            logits = model(images.to(model.device)).float()
-            probabilities.append(torch.softmax(logits, dim=1).cpu())
-            posteriors.append(model.noise_layer.posterior(logits, labels.to(model.device)).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(probabilities), torch.cat(posteriors)
+    logits = model.logits_of(pool.images, batch_size)
+    theta_device = model.noise_layer.noise_matrix.device
+    posterior = model.noise_layer.posterior(logits.to(theta_device), pool.given_labels.to(theta_device)).cpu()
+    return torch.softmax(logits, dim=1), posterior
 
 
 @dataclass(frozen=True)

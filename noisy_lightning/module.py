@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Literal
 
 import lightning as L
@@ -34,6 +35,15 @@ def reseed_for_step(base_seed: int, epoch: int, batch_idx: int, rank: int, devic
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
     elif device.type != "cpu":
         torch.manual_seed(seed)
+
+
+def state_checksum(state_dict: dict[str, Any], prefix: str) -> int:
+    """CRC32 over the bytes of the tensors in ``state_dict`` whose names start with ``prefix``."""
+    checksum = 0
+    for name in sorted(key for key in state_dict if key.startswith(prefix)):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        checksum = zlib.crc32(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"", checksum)
+    return checksum
 
 
 def image_shape_of(x: Tensor) -> tuple[int, ...] | None:
@@ -158,15 +168,34 @@ class NoisyLabelClassifier(L.LightningModule):
             )
 
     def _check_output_width(self, sample: Tensor) -> None:
-        """Run two samples through the net once, so that a wrong output shape is named before training starts."""
-        was_training = self.net.training
-        self.net.eval()
+        """Run two samples through the net once, so that a wrong input or output shape is named before training."""
         try:
-            with torch.no_grad():
-                logits = self.net(sample.to(self.device))
+            self.logits_of(sample)
+        except RuntimeError as error:  # from inside torch: a layer that does not fit the input
+            raise ValueError(
+                f"the net cannot take this data's samples of shape {tuple(sample.shape[1:])}: {error}"
+            ) from error
+
+    @torch.no_grad()
+    def logits_of(self, inputs: Tensor, batch_size: int = 4096) -> Tensor:
+        """The net's logits for ``inputs`` (any number of samples), in eval mode, as float32 on the CPU.
+
+        Inputs are moved to the model's device and dtype (so a ``bf16-true`` or ``64-true`` model takes float32
+        data); the module's train/eval mode is restored afterwards.
+        """
+        parameter = next(self.net.parameters(), None)
+        dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else inputs.dtype
+        was_training = self.training
+        self.eval()
+        chunks = []
+        try:
+            for chunk in inputs.split(batch_size):
+                logits = self.net(chunk.to(self.device, dtype))
+                self._check_logits(logits, chunk.shape[0])
+                chunks.append(logits.float().cpu())
         finally:
-            self.net.train(was_training)
-        self._check_logits(logits, sample.shape[0])
+            self.train(was_training)
+        return torch.cat(chunks)
 
     def _check_logits(self, logits: Any, batch: int) -> None:
         if not isinstance(logits, Tensor) or logits.shape != (batch, self.num_classes):
@@ -199,9 +228,16 @@ class NoisyLabelClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["step_seed_base"] = self.step_seed_base
+        checkpoint["noise_layer_checksum"] = state_checksum(checkpoint["state_dict"], "noise_layer.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.step_seed_base = checkpoint.get("step_seed_base")
+        # torch.load does not check the zip's CRCs: a flipped byte in theta would load silently.
+        saved = checkpoint.get("noise_layer_checksum")
+        if saved is not None and saved != state_checksum(checkpoint["state_dict"], "noise_layer."):
+            raise ValueError(
+                "the checkpoint's noise matrix or posterior table does not match its checksum: the file is corrupt"
+            )
 
     # ---- training ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -218,19 +254,36 @@ class NoisyLabelClassifier(L.LightningModule):
         if batch_idx == 0:
             self._check_logits(logits, x.shape[0])
         loss = self.noise_layer.loss(logits, label, index)
-        # One check for every method: a diverged network stops the run instead of training on NaN to the end.
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}: the network "
-                "has diverged. Lower the learning rate or use gradient clipping (Trainer(gradient_clip_val=...))."
-            )
         self.train_loss.update(loss.detach(), weight=x.shape[0])
         # The EM callback's train_pass E-step reads the logits of the step.
         return {"loss": loss, "logits": logits.detach()}
 
     def on_train_epoch_end(self) -> None:
         # MeanMetric.compute() all-reduces its sums across ranks, so every rank logs the global mean.
-        self.log("train/loss", self.train_loss.compute(), on_step=False, on_epoch=True)
+        mean_loss = self.train_loss.compute()
+        # One divergence check for every method, once an epoch (a per-step check would sync the GPU every step).
+        if not torch.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"the training loss of epoch {self.current_epoch} is {mean_loss.item()}: the network has diverged. "
+                "Lower the learning rate or use gradient clipping (Trainer(gradient_clip_val=...))."
+            )
+        self.log("train/loss", mean_loss, on_step=False, on_epoch=True)
+        self._end_restart()
+
+    def on_train_start(self) -> None:
+        fit_loop = self.trainer.fit_loop
+        progress = fit_loop.epoch_progress.current
+        if progress.completed == progress.started:  # resumed after an epoch's last step: that epoch is complete
+            fit_loop.reset_restart_stage()
+
+    def _end_restart(self) -> None:
+        # Lightning keeps the fit loop's "restarted mid-epoch" stage for the whole of a resumed fit, so every later
+        # epoch skips its epoch-start bookkeeping, and a checkpoint saved in one of them resumes at its batch 0
+        # (two kills in a row replayed an epoch). The restart is over once the restarted epoch has ended (and, in
+        # on_train_start, when the checkpoint's epoch had already ended).
+        fit_loop = self.trainer.fit_loop
+        fit_loop.reset_restart_stage()
+        fit_loop.epoch_loop.reset_restart_stage()
 
     # ---- evaluation --------------------------------------------------------------------------------------------
     def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:

@@ -45,6 +45,12 @@ class NoiseLayer(nn.Module):
         self.register_buffer("noise_matrix", torch.eye(num_classes))
         self.register_buffer("started", torch.tensor(False))
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved = state_dict.get(prefix + "noise_matrix")
+        if saved is not None:  # a NaN or non-stochastic theta would surface later as a misleading divergence
+            check_transition_matrix(saved, self.num_classes, "the checkpoint's noise_matrix")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def is_started(self) -> bool:
         """Whether ``theta`` has been set since construction (for EM: whether the first round has run)."""
@@ -123,8 +129,9 @@ class EMLayer(NoiseLayer):
         if not self.is_started:
             return F.cross_entropy(logits, labels)
         targets = self.posterior(logits, labels) if self.targets == "online" else self.posterior_table[index]
-        # cross_entropy takes class probabilities as targets as well as class indices.
-        return F.cross_entropy(logits, targets)
+        # cross_entropy takes class probabilities as targets as well as class indices; float32 whatever the
+        # precision of the network, like theta.
+        return F.cross_entropy(logits.float(), targets)
 
     def update(self, noise_matrix: Tensor, posterior: Tensor | None = None, rows: Tensor | None = None) -> None:
         if self.targets == "stored":

@@ -24,7 +24,7 @@ def test_print_config_shows_every_section(tmp_path: Path) -> None:
     config = yaml.safe_load(result.stdout)
     assert config["model"]["method"] == "em"
     assert config["data"]["dataset"] == "mnist_sample"
-    assert config["model"]["net"]["class_path"] == "noisy_lightning.MLP"
+    assert config["model"]["net"] is None  # the default network, MLP 784-500-300-10 with dropout 0.5
 
 
 def test_fast_dev_run_end_to_end(tmp_path: Path) -> None:
@@ -32,25 +32,30 @@ def test_fast_dev_run_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_fit_then_test_and_resume_from_last(tmp_path: Path) -> None:
-    args = ["--config", str(QUICKSTART), "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"]
+    # 7 epochs: the quickstart's first EM round ends epoch 6, so theta is estimated before the checkpoint.
+    args = ["--config", str(QUICKSTART), "--trainer.max_epochs", "7", "--trainer.enable_progress_bar", "false"]
     fit = cli("fit", *args, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    version = tmp_path / "lightning_logs" / "version_0"
-    assert (version / "config.yaml").exists(), "every run saves its config"
-    assert list(version.glob("events.out.tfevents.*")), "TensorBoard logs are written"
-    last = tmp_path / "lightning_logs" / "checkpoints" / "quickstart" / "last.ckpt"
+    run = tmp_path / "lightning_logs" / "quickstart" / "version_0"
+    assert (run / "config.yaml").exists(), "every run saves its config"
+    assert list(run.glob("events.out.tfevents.*")), "TensorBoard logs are written"
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    assert "val/acc_noisy" in metrics[0] and len(metrics) >= 4, "the CSV logger shares the run folder"
+    assert {"training_curves.png", "training_curves.pdf"} <= {path.name for path in (run / "figures").iterdir()}
+    last = run / "checkpoints" / "last.ckpt"
     assert last.exists()
     test = cli("test", *args, "--ckpt_path", "last", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/acc" in test.stdout
-    assert "No checkpoint will be loaded" not in test.stdout + test.stderr
+    assert sorted(path.name for path in (tmp_path / "lightning_logs" / "quickstart").iterdir()) == ["version_0"]
     # --ckpt_path last resumes the latest run and trains on to the new max_epochs
     resumed = cli(
         "fit",
         *args[:2],
         "--trainer.max_epochs",
-        "5",
+        "9",
         "--trainer.enable_progress_bar",
         "false",
         "--ckpt_path",
@@ -62,35 +67,76 @@ def test_fit_then_test_and_resume_from_last(tmp_path: Path) -> None:
     assert "Restoring states from the checkpoint" in output and "No checkpoint will be loaded" not in output
     import torch
 
-    checkpoint = torch.load(last, weights_only=False)
-    assert checkpoint["epoch"] == 4  # continued from epoch 3 to the new max_epochs=5
+    newest = tmp_path / "lightning_logs" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(newest, weights_only=False)
+    assert checkpoint["epoch"] == 8  # continued from epoch 7 to the new max_epochs=9
 
     # predict writes the predictions, theta and the ranked label issues into the run's folder
     predict = cli("predict", *args, "--ckpt_path", "last", cwd=tmp_path)
     assert predict.returncode == 0, predict.stderr[-3000:]
-    folders = sorted((tmp_path / "lightning_logs").glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
-    written = {path.name for path in folders[-1].iterdir()}
+    written = {path.name for path in newest.parent.parent.iterdir()}
     assert {"predictions.csv", "noise_matrix.csv", "label_issues.csv"} <= written
-    issues = (folders[-1] / "label_issues.csv").read_text().splitlines()
+    issues = (newest.parent.parent / "label_issues.csv").read_text().splitlines()
     assert len(issues) == 1 + 4000 and issues[0].startswith("index,given_label,corrected_label,score")
 
     # a CLI-trained checkpoint loads with no arguments: the same net (from its class_path), theta and weights
     from noisy_lightning import NoisyLabelClassifier
 
-    restored = NoisyLabelClassifier.load_from_checkpoint(last)
+    restored = NoisyLabelClassifier.load_from_checkpoint(newest)
     assert torch.equal(restored.noise_matrix, checkpoint["state_dict"]["noise_layer.noise_matrix"])
     assert not torch.equal(restored.noise_matrix, torch.eye(10))
 
+    # test never takes another configuration's checkpoint, and says which setting differs
+    other = cli("test", *args, "--data.noise_rate", "0.3", "--ckpt_path", "last", cwd=tmp_path)
+    assert other.returncode == 2
+    assert "no checkpoint of this configuration" in other.stderr and "data.noise_rate=0.45 (now 0.3)" in other.stderr
+    assert "Traceback" not in other.stderr
 
-def test_bad_value_is_reported_with_its_name(tmp_path: Path) -> None:
-    result = cli(
-        "fit", "--config", str(QUICKSTART), "--data.noise_rate", "1.5", "--trainer.fast_dev_run", "true", cwd=tmp_path
-    )
-    assert result.returncode != 0
-    assert "noise_rate must be in [0, 1)" in result.stderr
+
+def test_evaluating_needs_a_checkpoint_or_an_explicit_untrained_choice(tmp_path: Path) -> None:
+    refused = cli("test", "--config", str(QUICKSTART), cwd=tmp_path)
+    assert refused.returncode == 2 and "test needs a checkpoint" in refused.stderr
+    untrained = cli("validate", "--config", str(QUICKSTART), "--ckpt_path", "untrained", cwd=tmp_path)
+    assert untrained.returncode == 0, untrained.stderr[-3000:]
+    assert "val/acc_noisy" in untrained.stdout
+
+
+def test_one_flag_gives_the_cross_entropy_baseline(tmp_path: Path) -> None:
+    result = cli("fit", "--config", str(QUICKSTART), "--model.method", "ce", "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "EMNoiseEstimation is off for this fit" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--data.noise_rate", "1.2"], "noise_rate must be in [0, 1), got 1.2"),
+        (["--data.noise_type", "pairflip"], 'Parser key "data.noise_type"'),
+        (["--model.lr", "-1"], "lr must be a finite number in (0, inf), got -1.0"),
+    ],
+)
+def test_a_bad_value_is_a_few_lines_naming_the_parameter(tmp_path: Path, override: list[str], message: str) -> None:
+    result = cli("fit", "--config", str(QUICKSTART), *override, "--trainer.fast_dev_run", "true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+    assert f"config: {QUICKSTART}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 8
+
+
+def test_fit_help_lists_the_optimizer_once(tmp_path: Path) -> None:
+    result = cli("fit", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "--model.optimizer" in result.stdout and "\n  --optimizer" not in result.stdout
+    assert "  --optimizer " not in result.stdout and "  --lr_scheduler " not in result.stdout
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_parses(config: Path, tmp_path: Path) -> None:
+def test_every_shipped_config_parses_and_logs_to_csv_with_figures(config: Path, tmp_path: Path) -> None:
     result = cli("fit", "--config", str(config), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    printed = yaml.safe_load(result.stdout)
+    loggers = {entry["class_path"].rsplit(".", 1)[1] for entry in printed["trainer"]["logger"]}
+    assert loggers == {"TensorBoardLogger", "CSVLogger"}
+    callbacks = {entry["class_path"].rsplit(".", 1)[1] for entry in printed["trainer"]["callbacks"]}
+    assert "NoisyLabelFigures" in callbacks

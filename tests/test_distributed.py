@@ -9,7 +9,7 @@ import torch
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def run_worker(tmp_path: Path, devices: int, e_step: str, *extra: str) -> list[dict]:

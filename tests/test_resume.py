@@ -8,6 +8,7 @@ where the uninterrupted one ends: the same theta, EM history, posteriors, weight
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import pytest
 import torch
 
 WORKER = Path(__file__).parent / "resume_worker.py"
+
+pytestmark = pytest.mark.slow
 
 
 def run_worker(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -87,3 +90,38 @@ def test_killed_run_resumes_to_the_same_end(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     assert_same_run(load(tmp_path), uninterrupted[e_step])
+
+
+def kill_chains(count: int, seed: int = 0) -> list[list[str]]:
+    """Chains of 2 or 3 kill points ``epoch:batch``, each later than the one before, drawn from a seeded RNG."""
+    generator = random.Random(seed)
+    chains = []
+    for _ in range(count):
+        points = sorted(generator.sample(range(4 * 15), generator.choice((2, 3))))
+        chains.append([f"{point // 15}:{point % 15}" for point in points])
+    return chains
+
+
+@pytest.mark.parametrize("chain", [["2:0", "2:5"], *kill_chains(2)], ids=lambda chain: "then".join(chain))
+def test_chains_of_kills_resume_to_the_same_end(
+    tmp_path: Path, uninterrupted: dict[str, dict], chain: list[str]
+) -> None:
+    """Kill, resume, kill again while resumed, ... then resume to the end: the same end state as one run."""
+    for position, kill_at in enumerate(chain):
+        resume = ["--resume"] if position else []
+        killed = run_worker(tmp_path, "--e-step", "inference", *resume, "--kill-at", kill_at)
+        assert killed.returncode == -signal.SIGKILL, f"kill {position + 1} at {kill_at} did not happen"
+    finished = run_worker(tmp_path, "--e-step", "inference", "--resume")
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert_same_run(load(tmp_path), uninterrupted["inference"])
+
+
+def test_resuming_a_finished_run_trains_no_more(tmp_path: Path) -> None:
+    first = run_worker(tmp_path, "--e-step", "inference")
+    assert first.returncode == 0, first.stderr[-4000:]
+    before = load(tmp_path)
+    again = run_worker(tmp_path, "--e-step", "inference", "--resume")
+    assert again.returncode == 0, again.stderr[-4000:]
+    after = load(tmp_path)
+    assert after["global_step"] == before["global_step"] and after["rounds"] == before["rounds"]
+    assert torch.equal(after["noise_matrix"], before["noise_matrix"])

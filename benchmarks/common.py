@@ -1,0 +1,132 @@
+"""What the benchmark scripts share: what a results file records about the run that wrote it, and its tables.
+
+Every results file says what was measured, on what hardware and with which command: the ``.md`` files open with
+:func:`metadata_line`, whose command is this process's real ``sys.argv`` (never typed), and the commit is read from
+git. Tables are CSV written with the :mod:`csv` module, whole files through
+:func:`noisy_lightning.files.atomic_write`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from noisy_lightning.files import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# A benchmark's own lines are its output: no logger, checkpoints, progress bar, model summary or sanity pass.
+QUIET_TRAINER: dict[str, object] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+# The first line of every .md under results/ after its title; tests read it back with this pattern.
+METADATA = re.compile(r"^Written by `(?P<command>.+)` at commit (?P<commit>\S+) on (?P<machine>.+)\.$", re.MULTILINE)
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The running command as a shell line: ``python`` followed by ``sys.argv``, quoted where needed."""
+    return shlex.join(["python", *(sys.argv if argv is None else argv)])
+
+
+def commit() -> str:
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+
+    def git(*arguments: str) -> subprocess.CompletedProcess[str]:
+        # --no-optional-locks: reading must not refresh the index of a checkout someone else may be using.
+        command = ["git", "--no-optional-locks", "-C", str(ROOT), *arguments]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0
+    except OSError:  # no git on this machine
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def machine(accelerator: str = "cpu") -> str:
+    """The hardware and software a measurement ran on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):  # no /proc (not Linux), or no model name in it
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    device = f"{torch.cuda.get_device_name(0)}, " if accelerator == "gpu" else ""
+    return (
+        f"{device}{cpu}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical CPUs), "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {L.__version__}"
+    )
+
+
+def metadata_line(command: str, at_commit: str, on_machine: str) -> str:
+    """The line that says which command wrote a results file, at which commit, on which machine."""
+    return f"Written by `{command}` at commit {at_commit} on {on_machine}."
+
+
+# ---- tables -------------------------------------------------------------------------------------------------------
+def read_table(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV as dictionaries; no rows when the file does not exist."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _checked(row: Mapping[str, object], columns: Sequence[str]) -> Mapping[str, object]:
+    missing = [key for key in columns if key not in row]
+    if missing:
+        raise ValueError(f"a row lacks the column(s) {', '.join(missing)}")
+    return row
+
+
+def write_table(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, object]]) -> None:
+    """Write a whole CSV at once: the header, then ``rows`` (each with every column; other keys are not written)."""
+    with atomic_write(path, mode="w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(_checked(row, columns) for row in rows)
+
+
+def append_row(path: Path, columns: Sequence[str], row: Mapping[str, object], hint: str = "") -> None:
+    """Add one row at the end of a CSV without rewriting it; a missing or empty file is started with the header.
+
+    A file whose header is not ``columns`` is refused (SystemExit, with ``hint``): appending would misalign it.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        write_table(path, columns, [row])
+        return
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), [])
+    if header != list(columns):
+        raise SystemExit(f"{path} does not have the columns this script writes; {hint or 'start a new file'}")
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        writer.writerow(_checked(row, columns))
+
+
+def write_text(path: Path, lines: Iterable[str]) -> None:
+    """Write a whole text file at once, one line per item."""
+    with atomic_write(path, mode="w", newline="") as handle:
+        handle.write("\n".join(lines) + "\n")
