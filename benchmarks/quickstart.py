@@ -12,22 +12,16 @@ Writes ``<out>.csv`` (one row per fit) and ``<out>.md``; both name the command, 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import RESULTS, ROOT, command_line, commit, machine, metadata_line, write_table, write_text
 
 from noisy_lightning.cli import build_cli
 from noisy_lightning.em import noise_matrix_error
-from noisy_lightning.files import atomic_write
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 COLUMNS = ("seed", "method", "test_acc", "theta_error_first_round", "theta_error_end", "fit_seconds")
 
@@ -56,43 +50,17 @@ def fit_once(seed: int, method: str) -> dict[str, object]:
     return row
 
 
-def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return result.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quickstart")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quickstart")
     args = parser.parse_args()
     rows = [fit_once(seed, method) for seed in args.seeds for method in ("em", "ce")]
-    command = "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]])
-    with atomic_write(args.out.with_suffix(".csv"), newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(args.out.with_suffix(".csv"), COLUMNS, rows)
     lines = [
         "# Quickstart: EM against cross-entropy on the shipped sample",
         "",
-        f"Command: `{command}`  ",
-        f"Commit: {commit()}  ",
-        f"Machine: {describe_machine()}",
+        metadata_line(command_line(), commit(), machine()),
         "",
         "`configs/quickstart.yaml`: 4,000-digit training pool (3,600 train, 400 validation), pair-flip 45% noise,",
         "20 epochs, the library's default recipe; test accuracy on the 1,000 clean test digits. θ error is",
@@ -109,8 +77,7 @@ def main() -> None:
             f"| {seed} | {100 * float(em['test_acc']):.1f}% | {100 * float(ce['test_acc']):.1f}% | {gap:+.1f} | "
             f"{em['theta_error_first_round']} | {em['theta_error_end']} | {em['fit_seconds']} | {ce['fit_seconds']} |"
         )
-    with atomic_write(args.out.with_suffix(".md")) as stream:
-        stream.write("\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), lines)
     print("\n".join(lines))
 
 

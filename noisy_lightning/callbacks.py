@@ -157,33 +157,12 @@ class EMNoiseEstimation(L.Callback):
             self._train_pass = em.ProbabilitySums(pool.size, pool.num_classes, pl_module.device)
         self._train_pass.to(pl_module.device).add(batch.index, torch.softmax(outputs["logits"].float(), dim=1))
 
-    @torch.no_grad()
-    def _inference_pass(self, trainer: L.Trainer, pl_module: L.LightningModule) -> em.ProbabilitySums:
-        data: NoisyLabelData = trainer.datamodule
-        pool = data.pool
-        sums = em.ProbabilitySums(pool.size, pool.num_classes, pl_module.device)
-        indices = pool.train_indices
-        if self.noise_matrix_from == "validation":
-            indices = torch.cat([indices, pool.val_indices])
-        precision = trainer.precision_plugin
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            for batch in data.pool_dataloader(indices):
-                x = precision.convert_input(batch.x.to(pl_module.device, non_blocking=True))
-                with precision.forward_context():
-                    logits = pl_module(x)
-                sums.add(batch.index.to(pl_module.device), torch.softmax(logits.float(), dim=1))
-        finally:
-            pl_module.train(was_training)
-        return sums
-
     # ---- one round ---------------------------------------------------------------------------------------------
     def em_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         """One E-step and (unless held or frozen) theta M-step; the first round initialises theta."""
         sums, self._train_pass = self._train_pass, None
         if self.e_step == "inference" or sums is None:
-            sums = self._inference_pass(trainer, pl_module)
+            sums = inference_probabilities(trainer, pl_module, self.noise_matrix_from == "validation")
         probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
         pool, layer = trainer.datamodule.pool, pl_module.noise_layer
         given = pool.given_labels.to(scored.device)[scored]
@@ -231,6 +210,32 @@ class EMNoiseEstimation(L.Callback):
         if state_dict["train_pass_sums"] is not None:
             self._train_pass = em.ProbabilitySums(*state_dict["train_pass_sums"][0].shape)
             self._train_pass.sums, self._train_pass.counts = state_dict["train_pass_sums"]
+
+
+@torch.no_grad()
+def inference_probabilities(
+    trainer: L.Trainer, pl_module: L.LightningModule, with_validation: bool
+) -> em.ProbabilitySums:
+    """``p(y | x)`` of the training split (and the validation split), from an eval-mode pass on this rank's share.
+
+    Inputs go through the precision plugin as in a validation step, so EM runs under any Trainer precision.
+    """
+    data: NoisyLabelData = trainer.datamodule
+    pool = data.pool
+    sums = em.ProbabilitySums(pool.size, pool.num_classes, pl_module.device)
+    indices = torch.cat([pool.train_indices, pool.val_indices]) if with_validation else pool.train_indices
+    precision = trainer.precision_plugin
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        for batch in data.pool_dataloader(indices):
+            x = precision.convert_input(batch.x.to(pl_module.device, non_blocking=True))
+            with precision.forward_context():
+                logits = pl_module(x)
+            sums.add(batch.index.to(pl_module.device), torch.softmax(logits.float(), dim=1))
+    finally:
+        pl_module.train(was_training)
+    return sums
 
 
 def _mask(indices: Tensor, scored: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from noisy_lightning.data import NoisyLabelDataModule
-from noisy_lightning.module import NoisyLabelClassifier
+from noisy_lightning.module import NoisyLabelClassifier, check_checkpoint_file
 from noisy_lightning.writers import ResultsWriter
 
 EVALUATIONS = ("validate", "test", "predict")
@@ -89,8 +89,10 @@ class NoisyLabelCLI(LightningCLI):
             config["ckpt_path"] = None
         elif requested == "last":
             config["ckpt_path"] = self._latest_checkpoint(subcommand)
-        elif requested is not None and subcommand in EVALUATIONS:
-            self._log_into_run_of(Path(requested))
+        elif requested is not None:
+            check_checkpoint_file(requested)
+            if subcommand in EVALUATIONS:
+                self._log_into_run_of(Path(requested))
         if subcommand == "fit" or (self.trainer.loggers and getattr(self.trainer.loggers[0], "_version", None) is None):
             self._share_version()
         super()._run_subcommand(subcommand)

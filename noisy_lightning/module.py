@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -35,6 +37,21 @@ def reseed_for_step(base_seed: int, epoch: int, batch_idx: int, rank: int, devic
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
     elif device.type != "cpu":
         torch.manual_seed(seed)
+
+
+def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` naming ``path`` when it cannot be a PyTorch checkpoint: missing, empty, or not the zip
+    archive that ``torch.save`` writes (``torch.load`` would fail with an ``EOFError`` with no message, or a
+    misleading ``weights_only`` error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): it was not written completely")
+    if head != b"PK\x03\x04":
+        raise ValueError(f"checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive)")
 
 
 def state_checksum(state_dict: dict[str, Any], prefix: str) -> int:
@@ -144,6 +161,14 @@ class NoisyLabelClassifier(L.LightningModule):
         # syncs; persistent states go into checkpoints, so a run resumed mid-epoch logs the same mean.
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_loss.persistent(True)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> NoisyLabelClassifier:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, after checking that the file is a checkpoint at all. With no other
+        arguments it rebuilds the network (saved as ``class_path``/``init_args``), theta and the EM state."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @property
     def noise_matrix(self) -> Tensor:

@@ -9,6 +9,11 @@ import torch
 
 from noisy_lightning import MLP, NoisyLabelClassifier
 
+# Wall-clock limit for a test's subprocess or notebook cell that trains for real. Such a step takes about a minute on
+# an idle 2-core machine; a CI runner that shares its cores with other jobs can be several times slower, and a
+# timeout there would be a failure that says nothing about the code. A hang still ends the test.
+SUBPROCESS_TIMEOUT_S = 900
+
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
     defaults: dict[str, Any] = {

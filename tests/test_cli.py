@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SUBPROCESS_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -15,7 +16,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     executable = shutil.which("noisy-lightning", path=str(Path(sys.executable).parent))
     command = [executable] if executable else [sys.executable, "-m", "noisy_lightning.cli"]
-    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
 
 
 def test_print_config_shows_every_section(tmp_path: Path) -> None:
@@ -27,6 +28,7 @@ def test_print_config_shows_every_section(tmp_path: Path) -> None:
     assert config["model"]["net"] is None  # the default network, MLP 784-500-300-10 with dropout 0.5
 
 
+@pytest.mark.slow
 def test_fast_dev_run_end_to_end(tmp_path: Path) -> None:
     result = cli("fit", "--config", str(QUICKSTART), "--trainer.fast_dev_run", "true", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -93,6 +95,7 @@ def test_fit_then_test_and_resume_from_last(tmp_path: Path) -> None:
     assert "Traceback" not in other.stderr
 
 
+@pytest.mark.slow
 def test_evaluating_needs_a_checkpoint_or_an_explicit_untrained_choice(tmp_path: Path) -> None:
     refused = cli("test", "--config", str(QUICKSTART), cwd=tmp_path)
     assert refused.returncode == 2 and "test needs a checkpoint" in refused.stderr
@@ -101,10 +104,17 @@ def test_evaluating_needs_a_checkpoint_or_an_explicit_untrained_choice(tmp_path:
     assert "val/acc_noisy" in untrained.stdout
 
 
-def test_one_flag_gives_the_cross_entropy_baseline(tmp_path: Path) -> None:
-    result = cli("fit", "--config", str(QUICKSTART), "--model.method", "ce", "--trainer.max_epochs", "1", cwd=tmp_path)
+@pytest.mark.slow
+def test_one_flag_gives_the_cross_entropy_baseline_and_the_noise_changes_from_the_command_line(
+    tmp_path: Path,
+) -> None:
+    overrides = ["--model.method", "ce", "--data.noise_type", "permutation", "--data.noise_rate", "0.4"]
+    result = cli("fit", "--config", str(QUICKSTART), *overrides, "--trainer.max_epochs", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EMNoiseEstimation is off for this fit" in result.stderr
+    saved = yaml.safe_load((tmp_path / "lightning_logs" / "quickstart" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["method"] == "ce"
+    assert (saved["data"]["noise_type"], saved["data"]["noise_rate"]) == ("permutation", 0.4)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +123,7 @@ def test_one_flag_gives_the_cross_entropy_baseline(tmp_path: Path) -> None:
         (["--data.noise_rate", "1.2"], "noise_rate must be in [0, 1), got 1.2"),
         (["--data.noise_type", "pairflip"], 'Parser key "data.noise_type"'),
         (["--model.lr", "-1"], "lr must be a finite number in (0, inf), got -1.0"),
+        (["--ckpt_path", "missing.ckpt"], "checkpoint missing.ckpt does not exist"),
     ],
 )
 def test_a_bad_value_is_a_few_lines_naming_the_parameter(tmp_path: Path, override: list[str], message: str) -> None:

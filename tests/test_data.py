@@ -1,11 +1,15 @@
 import gzip
+import re
 import struct
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_trainer
 
+from noisy_lightning import MLP, NoisyLabelClassifier, contract
 from noisy_lightning.data import NoisyLabelDataModule, locate_idx_files
 from noisy_lightning.idx import read_idx, write_idx
 
@@ -78,10 +82,31 @@ def test_failed_download_explains_the_offline_options(tmp_path: Path, monkeypatc
         datamodule.prepare_data()
 
 
+def gzip_folder(folder: Path) -> Path:
+    """Replace each file of ``folder`` by its gzipped copy ``<name>.gz`` (Debian's dataset packages ship these)."""
+    for path in list(folder.iterdir()):
+        with gzip.open(f"{path}.gz", "wb") as handle:
+            handle.write(path.read_bytes())
+        path.unlink()
+    return folder
+
+
 def test_flat_layout_and_gzip_are_found(tmp_path: Path) -> None:
-    make_idx_folder(tmp_path / "fashion-mnist")
+    """Debian's layout: the four gzipped files in a flat ``fashion-mnist`` folder, found and read as they are."""
+    folder = gzip_folder(make_idx_folder(tmp_path / "fashion-mnist", train=60, test=20))
     files = locate_idx_files("fashion_mnist", tmp_path)
-    assert files["train_images"].parent == tmp_path / "fashion-mnist"
+    assert files == {
+        "train_images": folder / "train-images-idx3-ubyte.gz",
+        "train_labels": folder / "train-labels-idx1-ubyte.gz",
+        "test_images": folder / "t10k-images-idx3-ubyte.gz",
+        "test_labels": folder / "t10k-labels-idx1-ubyte.gz",
+    }
+    datamodule = NoisyLabelDataModule(dataset="fashion_mnist", data_dir=str(tmp_path), val_fraction=0.5)
+    datamodule.setup("fit")
+    assert torch.equal(datamodule.pool.given_labels, torch.arange(60) % 10)  # the values inside the .gz files
+    assert torch.equal(datamodule.test_labels, torch.arange(20) % 10)
+    # The folder holding the files may also be passed itself.
+    assert locate_idx_files("fashion_mnist", folder) == files
 
 
 def test_image_label_count_mismatch(tmp_path: Path) -> None:
@@ -111,6 +136,7 @@ def test_labels_outside_the_class_range(tmp_path: Path) -> None:
         ({"val_fraction": 1.0}, r"val_fraction must be a finite number in \(0, 1\)"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"batch_size": -5}, "batch_size must be an integer >= 1"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be an integer >= 1, got 0"),
         ({"noise_type": "custom", "transition_matrix": [[0.5, 0.5], [0.5, 0.5]]}, r"expected shape \(10, 10\)"),
         ({"noise_type": "custom", "transition_matrix": [[0.9] * 10] * 10}, "rows must sum to 1"),
     ],
@@ -195,12 +221,132 @@ def test_full_mnist_loads(mnist_dir: Path) -> None:
     assert abs(datamodule.corruption.flip_rate - 0.45) < 0.01
 
 
+def test_full_fashion_mnist_loads(fashion_mnist_dir: Path) -> None:
+    datamodule = NoisyLabelDataModule(dataset="fashion_mnist", data_dir=str(fashion_mnist_dir))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    pool = datamodule.pool
+    assert pool.size == 60_000 and datamodule.test_labels.numel() == 10_000
+    assert torch.bincount(pool.clean_labels).tolist() == [6_000] * 10
+    assert torch.bincount(datamodule.test_labels).tolist() == [1_000] * 10
+    # The published files' first labels (ankle boot, T-shirt, T-shirt, dress, ...): Fashion-MNIST, not MNIST.
+    assert pool.clean_labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert datamodule.test_labels[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    assert torch.equal(pool.given_labels, pool.clean_labels)  # noise_type="none"
+    assert (len(pool.train_indices), len(pool.val_indices)) == (54_000, 6_000)
+    assert pool.image_shape == (1, 28, 28) and pool.images.shape == (60_000, 784)
+    # Normalised with Fashion-MNIST's own pixel statistics (MNIST's would leave a mean of about 0.5).
+    assert abs(pool.images.mean().item()) < 0.01 and abs(pool.images.std().item() - 1) < 0.01
+
+
+def batch_sizes(loader: object) -> list[int]:
+    return [len(batch[0]) for batch in loader]  # type: ignore[attr-defined]
+
+
+def cut(total: int, size: int) -> list[int]:
+    """Batch sizes of ``total`` rows in batches of ``size``, the last one smaller."""
+    return [size] * (total // size) + ([total % size] if total % size else [])
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "eval_batch_size", "expected"), [(64, 100, 100), (64, None, 1024), (2048, None, 2048)]
+)
+def test_eval_batch_size_sets_the_evaluation_loaders(
+    batch_size: int, eval_batch_size: int | None, expected: int
+) -> None:
+    """Validation, test, predict and the pool pass of EM use eval_batch_size (default max(batch_size, 1024));
+    training keeps batch_size."""
+    datamodule = NoisyLabelDataModule(batch_size=batch_size, eval_batch_size=eval_batch_size)
+    datamodule.setup("fit")
+    assert datamodule.eval_batch_size == expected
+    assert batch_sizes(datamodule.val_dataloader()) == cut(400, expected)
+    assert batch_sizes(datamodule.test_dataloader()) == cut(1000, expected)
+    assert batch_sizes(datamodule.predict_dataloader()) == cut(1000, expected)
+    assert batch_sizes(datamodule.pool_dataloader()) == cut(4000, expected)
+    assert batch_sizes(datamodule.train_dataloader()) == cut(3600, batch_size)
+
+
+class EvalBatchSizes(L.Callback):
+    def __init__(self) -> None:
+        self.sizes: dict[str, list[int]] = {"val": [], "test": []}
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: contract.EvalBatch, batch_idx: int, *args: int
+    ) -> None:
+        self.sizes["val"].append(len(batch.x))
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: contract.TestBatch, batch_idx: int, *args: int
+    ) -> None:
+        self.sizes["test"].append(len(batch.x))
+
+
+def test_eval_batch_size_reaches_the_validation_and_test_steps_of_a_fit() -> None:
+    recorder = EvalBatchSizes()
+    datamodule = NoisyLabelDataModule(batch_size=32, eval_batch_size=150)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[recorder])
+    model = NoisyLabelClassifier(net=MLP(hidden_sizes=[32]))
+    trainer.fit(model, datamodule)
+    trainer.test(model, datamodule, verbose=False)
+    assert recorder.sizes == {"val": [150, 150, 100], "test": [150] * 6 + [100]}
+
+
+def small_classifier() -> NoisyLabelClassifier:
+    return NoisyLabelClassifier(net=MLP(hidden_sizes=[32]))
+
+
+def checkpoint_of(datamodule: NoisyLabelDataModule, folder: Path) -> Path:
+    """A checkpoint of one training step on ``datamodule``."""
+    L.seed_everything(0)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, default_root_dir=folder)
+    trainer.fit(small_classifier(), datamodule)
+    path = folder / "data.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def refusal(what: str) -> str:
+    """The whole refusal message, up to its advice: ``what`` must be the only mismatch named."""
+    return re.escape(f"this checkpoint was trained with another data configuration: {what}. Use the checkpoint's")
+
+
+@pytest.fixture(scope="module")
+def sample_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return checkpoint_of(NoisyLabelDataModule(), tmp_path_factory.mktemp("sample"))
+
+
+def test_resume_with_another_val_fraction_is_refused(sample_checkpoint: Path) -> None:
+    other = NoisyLabelDataModule(val_fraction=0.2)
+    with pytest.raises(ValueError, match=refusal("val_fraction (checkpoint: 0.1, now: 0.2)")):
+        quiet_trainer(max_epochs=2).fit(small_classifier(), other, ckpt_path=sample_checkpoint)
+
+
+def test_resume_with_another_dataset_is_refused(sample_checkpoint: Path, tmp_path: Path) -> None:
+    other = NoisyLabelDataModule(dataset="kmnist", data_dir=str(make_idx_folder(tmp_path / "KMNIST" / "raw")))
+    # Another dataset also has other labels and images; the dataset's name comes first.
+    first = re.escape("another data configuration: dataset (checkpoint: 'mnist_sample', now: 'kmnist'); labels")
+    with pytest.raises(ValueError, match=first):
+        quiet_trainer(max_epochs=2).fit(small_classifier(), other, ckpt_path=sample_checkpoint)
+
+
+def test_resume_with_other_labels_is_refused(tmp_path: Path) -> None:
+    """The same images, dataset name, seed and split; one given label differs: the labels' checksum tells."""
+    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(200) % 10
+    path = checkpoint_of(NoisyLabelDataModule.from_tensors(images, labels), tmp_path)
+    relabelled = labels.clone()
+    relabelled[7] = 3
+    other = NoisyLabelDataModule.from_tensors(images, relabelled)
+    with pytest.raises(ValueError, match=refusal("labels (the data differs)")):
+        quiet_trainer(max_epochs=2).fit(small_classifier(), other, ckpt_path=path)
+    # The same data resumes (the check compares, it does not refuse everything).
+    quiet_trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=0).fit(
+        small_classifier(), NoisyLabelDataModule.from_tensors(images, labels), ckpt_path=path
+    )
+
+
 def test_gzip_only_folder_loads(tmp_path: Path) -> None:
-    folder = make_idx_folder(tmp_path / "raw_gz")
-    for path in folder.iterdir():
-        with gzip.open(f"{path}.gz", "wb") as handle:
-            handle.write(path.read_bytes())
-        path.unlink()
+    folder = gzip_folder(make_idx_folder(tmp_path / "raw_gz"))
     datamodule = NoisyLabelDataModule(dataset="kmnist", data_dir=str(folder), val_fraction=0.5)
     datamodule.setup("fit")
     assert datamodule.pool.size == 60

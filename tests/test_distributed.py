@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SUBPROCESS_TIMEOUT_S
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
@@ -18,7 +19,7 @@ def run_worker(tmp_path: Path, devices: int, e_step: str, *extra: str) -> list[d
         [sys.executable, str(WORKER), "--devices", str(devices), "--e-step", e_step, "--out", str(out), *extra],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(devices)]

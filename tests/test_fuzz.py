@@ -96,22 +96,59 @@ def test_e_step_rows_are_distributions(inputs: tuple[torch.Tensor, torch.Tensor,
     )
 
 
-@SETTINGS
-@given(inputs=e_step_inputs(), previous=transition_matrices())
-def test_m_step_output_is_row_stochastic(
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], previous: torch.Tensor
-) -> None:
-    log_probs, matrix, noisy = inputs
+@st.composite
+def m_step_inputs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E-step inputs in which some classes may be absent (the network gives them probability 0 for every sample, as
+    for a class missing from a small shard), and a ``previous`` theta of the same size to fall back on.
+
+    An absent class gets no posterior mass, so its row of the M-step's statistics is empty: that is the case where
+    ``previous`` matters. (Independent draws almost never produce an empty row, and a ``previous`` drawn with its own
+    size almost never matches the inputs' size.)
+    """
+    log_probs, matrix, noisy = draw(e_step_inputs())
     num_classes = matrix.shape[0]
-    if previous.shape != matrix.shape:
-        previous = torch.eye(num_classes, dtype=torch.float64)
-    theta = em.estimate_noise_matrix(em.posterior(log_probs, matrix, noisy), noisy, num_classes, previous)
-    assert theta.shape == (num_classes, num_classes)
-    assert (theta >= 0).all()
-    torch.testing.assert_close(theta.sum(dim=1), torch.ones(num_classes, dtype=theta.dtype), rtol=0, atol=1e-9)
-    for hard in (False, True):
-        initial = em.initial_noise_matrix(log_probs.exp(), noisy, num_classes, hard=hard)
-        torch.testing.assert_close(initial.sum(dim=1), torch.ones(num_classes, dtype=initial.dtype), rtol=0, atol=1e-9)
+    absent = torch.tensor(draw(st.lists(st.booleans(), min_size=num_classes, max_size=num_classes)))
+    kept = draw(st.integers(0, num_classes - 1))  # at least one class stays possible
+    absent[kept] = False
+    logits = log_probs.masked_fill(absent, -math.inf)
+    logits[torch.isneginf(logits).all(dim=1), kept] = 0.0
+    previous = draw(transition_matrices(min_classes=num_classes, max_classes=num_classes))
+    return torch.log_softmax(logits, dim=1), matrix, noisy, previous
+
+
+def test_m_step_output_is_row_stochastic_and_empty_rows_keep_previous() -> None:
+    seen = {"examples": 0, "with_empty_row": 0}
+
+    @SETTINGS
+    @given(inputs=m_step_inputs())
+    def check(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        log_probs, matrix, noisy, previous = inputs
+        num_classes = matrix.shape[0]
+        posterior = em.posterior(log_probs, matrix, noisy)
+        theta = em.estimate_noise_matrix(posterior, noisy, num_classes, previous)
+        assert theta.shape == (num_classes, num_classes)
+        assert (theta >= 0).all()
+        torch.testing.assert_close(theta.sum(dim=1), torch.ones(num_classes, dtype=theta.dtype), rtol=0, atol=1e-9)
+        # The M-step by hand: S[i, j] = sum_t c[t, i] 1[z_t = j]; a row with mass is S's row over its total, an
+        # empty row (a true class no sample was assigned to) is previous's row, never 0/0 and never the identity.
+        statistics = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        for row, label in zip(posterior.double(), noisy.tolist(), strict=True):
+            statistics[:, label] += row
+        totals = statistics.sum(dim=1)
+        empty = totals == 0
+        torch.testing.assert_close(theta[empty], previous[empty], rtol=0, atol=0)
+        torch.testing.assert_close(theta[~empty], (statistics / totals[:, None])[~empty], rtol=0, atol=1e-9)
+        seen["examples"] += 1
+        seen["with_empty_row"] += int(empty.any())
+        for hard in (False, True):
+            initial = em.initial_noise_matrix(log_probs.exp(), noisy, num_classes, hard=hard)
+            torch.testing.assert_close(
+                initial.sum(dim=1), torch.ones(num_classes, dtype=initial.dtype), rtol=0, atol=1e-9
+            )
+
+    check()
+    # The fallback is exercised for real: a good share of the examples has an empty row (and previous != identity).
+    assert seen["with_empty_row"] >= seen["examples"] // 4, seen
 
 
 # Degenerate draws (a wanted class that every sample gives probability 0) cannot reach their mass in 1000 steps;

@@ -1,10 +1,12 @@
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import quiet_trainer
 
 from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
 from noisy_lightning.augment import random_shift
+from noisy_lightning.noise import pair_flip
 
 
 @pytest.mark.parametrize(
@@ -106,3 +108,104 @@ def test_em_method_adds_the_callback_when_missing() -> None:
     trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3, batch_size=256))
     assert any(isinstance(callback, EMNoiseEstimation) for callback in trainer.callbacks)
+
+
+def test_val_nll_noisy_is_the_given_label_likelihood_under_theta() -> None:
+    """val/nll_noisy = mean over the validation split of -log sum_i p(i | x) theta[i, z], computed here by hand: with
+    theta = I during a cross-entropy fit, then with a theta set on the noise layer. 400 validation rows in batches of
+    128 (the last one 16): the mean is over samples, not over batches."""
+    L.seed_everything(0)
+    datamodule = NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3, batch_size=128, eval_batch_size=128)
+    model = NoisyLabelClassifier(net=MLP(hidden_sizes=[32]), lr=2e-3)
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(model, datamodule)
+
+    index = datamodule.pool.val_indices
+    given = datamodule.pool.given_labels[index]
+    probabilities = torch.softmax(model.logits_of(datamodule.pool.images[index]).double(), dim=1)
+
+    def nll_by_hand(theta: torch.Tensor) -> float:
+        return -(probabilities * theta.double()[:, given].t()).sum(dim=1).log().mean().item()
+
+    # The last validation of the fit ran with the final weights and theta = I (the given labels' cross-entropy).
+    assert trainer.callback_metrics["val/nll_noisy"].item() == pytest.approx(nll_by_hand(torch.eye(10)), rel=1e-5)
+    theta = pair_flip(10, 0.3)
+    model.noise_layer.update(theta)
+    logged = trainer.validate(model, datamodule, verbose=False)[0]["val/nll_noisy"]
+    assert logged == pytest.approx(nll_by_hand(theta), rel=1e-5)
+    assert abs(nll_by_hand(theta) - nll_by_hand(torch.eye(10))) > 0.05  # theta really changes the value
+
+
+@pytest.mark.parametrize(
+    ("name", "optimizer_class", "settings"),
+    [
+        ("adam", torch.optim.Adam, {"betas": (0.9, 0.999), "decoupled_weight_decay": False}),
+        ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.999), "decoupled_weight_decay": True}),
+        ("sgd", torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    ],
+)
+@pytest.mark.parametrize("lr_scheduler", ["cosine", "none"])
+def test_the_configured_optimiser_and_schedule_reach_the_trainer(
+    name: str, optimizer_class: type, settings: dict, lr_scheduler: str
+) -> None:
+    model = NoisyLabelClassifier(
+        net=MLP(hidden_sizes=[32]), optimizer=name, lr=0.05, weight_decay=0.01, lr_scheduler=lr_scheduler
+    )
+    trainer = quiet_trainer(max_epochs=3, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(model, NoisyLabelDataModule())
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is optimizer_class
+    (group,) = optimizer.param_groups
+    assert {id(parameter) for parameter in group["params"]} == {id(parameter) for parameter in model.parameters()}
+    assert group["weight_decay"] == 0.01
+    assert {key: group[key] for key in settings} == settings
+    if lr_scheduler == "none":
+        assert trainer.lr_scheduler_configs == [] and group["lr"] == 0.05
+    else:
+        (config,) = trainer.lr_scheduler_configs
+        assert isinstance(config.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+        assert (config.scheduler.T_max, config.interval) == (3, "epoch")  # annealed over Trainer(max_epochs)
+        assert group["initial_lr"] == 0.05 and group["lr"] == pytest.approx(0.0, abs=1e-12)  # after 3 of 3 epochs
+
+
+def expected_first_step(name: str, weight: torch.Tensor, grad: torch.Tensor, lr: float, decay: float) -> torch.Tensor:
+    """A parameter after the optimiser's first step, written out from the update rules (eps = 1e-8).
+
+    On the first step Adam's bias-corrected moments are ``g`` and ``g**2``, so its step is ``lr * g / (|g| + eps)``.
+    """
+    if name == "sgd":  # L2 in the gradient; Nesterov with momentum 0.9 and an empty buffer: (1 + 0.9) * d
+        return weight - lr * 1.9 * (grad + decay * weight)
+    if name == "adam":  # L2 in the gradient, so the decay goes through the adaptive normalisation
+        # grad + decay * weight, rounded as torch rounds it: where the two nearly cancel, the step g / (|g| + eps)
+        # hangs on the last bit of g.
+        coupled = grad.add(weight, alpha=decay)
+        return weight - lr * coupled / (coupled.abs() + 1e-8)
+    return weight * (1 - lr * decay) - lr * grad / (grad.abs() + 1e-8)  # adamw: decoupled, outside the adaptive step
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_weight_decay_enters_the_first_update_as_each_optimiser_defines_it(name: str) -> None:
+    """One training step from the same weights on the same batch, with weight_decay 0 and 0.1: each result equals
+    the update rule applied by hand to the gradient of that batch, so the decay changes the update as it should."""
+    lr = 0.1
+    after = {}
+    for decay in (0.0, 0.1):
+        L.seed_everything(0)
+        net = MLP(hidden_sizes=[32], dropout=0.0)
+        model = NoisyLabelClassifier(
+            net=net, optimizer=name, lr=lr, weight_decay=decay, lr_scheduler="none", augment_shift=0
+        )
+        datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3, batch_size=64)
+        datamodule.setup("fit")
+        # The gradient of the first training batch (epoch 0's order depends on the seed only), computed here.
+        batch = next(iter(datamodule.train_dataloader()))
+        before = {key: value.detach().clone() for key, value in net.named_parameters()}
+        grads = torch.autograd.grad(F.cross_entropy(net(batch.x), batch.label), list(net.parameters()))
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(model, datamodule)
+        after[decay] = {key: value.detach().clone() for key, value in net.named_parameters()}
+        for (key, weight), grad in zip(before.items(), grads, strict=True):
+            torch.testing.assert_close(
+                after[decay][key], expected_first_step(name, weight, grad, lr, decay), rtol=0, atol=1e-6, msg=key
+            )
+    for key in after[0.0]:
+        assert not torch.equal(after[0.0][key], after[0.1][key]), key

@@ -65,7 +65,7 @@ def test_rgb_tensors_with_given_labels_fit_em_with_the_cnn_and_write_label_issue
     assert (tmp_path / "noise_matrix.csv").exists() and (tmp_path / "predictions.csv").exists()
 
 
-def test_ranking_recovers_planted_flips() -> None:
+def test_ranking_recovers_planted_flips(tmp_path: Path) -> None:
     """Well-separated clusters with 10% of the labels moved: the 10% lowest scores are (nearly all) the flips."""
     L.seed_everything(0)
     generator = torch.Generator().manual_seed(0)
@@ -77,8 +77,10 @@ def test_ranking_recovers_planted_flips() -> None:
     model = NoisyLabelClassifier(net=MLP(in_features=2, hidden_sizes=[32], num_classes=3), num_classes=3, lr=1e-2)
     quiet_trainer(max_epochs=8).fit(model, datamodule)
     issues = find_label_issues(model, datamodule)
+    with open(issues.to_csv(tmp_path / "label_issues.csv"), newline="") as handle:
+        ranked = [int(row["index"]) for row in csv.DictReader(handle)]
     planted = int(flipped.sum())
-    top = issues.index[:planted]
+    top = torch.tensor(ranked[:planted])
     precision = flipped[top].double().mean().item()
     assert precision >= 0.9, f"only {precision:.2f} of the {planted} lowest-scored labels were planted flips"
     assert issues.is_issue[:planted].all()

@@ -1,3 +1,4 @@
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +11,14 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from PIL import Image
 
-from noisy_lightning import EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule, NoisyLabelFigures, plots
+from noisy_lightning import (
+    MLP,
+    EMNoiseEstimation,
+    NoisyLabelClassifier,
+    NoisyLabelDataModule,
+    NoisyLabelFigures,
+    plots,
+)
 from noisy_lightning.noise import pair_flip
 
 
@@ -211,6 +219,7 @@ def test_save_figure_is_atomic(tmp_path: Path) -> None:
         assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
 
 
+@pytest.mark.slow
 def test_figure_callback_writes_pngs_during_a_short_fit(tmp_path: Path) -> None:
     L.seed_everything(0)
     figures = NoisyLabelFigures(grid_size=4)
@@ -234,3 +243,48 @@ def test_figure_callback_writes_pngs_during_a_short_fit(tmp_path: Path) -> None:
     assert figures.em_round_epochs == [0, 1, 2]
     assert [epoch for epoch, _ in figures.history["test/acc"]] == [0, 1, 2]
     assert list(Path(trainer.log_dir).glob("events.out.tfevents.*")), "figures also go to TensorBoard"
+
+
+@pytest.mark.parametrize("track_test_accuracy", [True, False])
+def test_figure_callback_options_reach_the_grid_and_the_curves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, track_test_accuracy: bool
+) -> None:
+    """grid_selection and grid_size decide which samples the correction grid shows; track_test_accuracy decides
+    whether the curves get a test/acc series (the accuracy of the model on the test set after each epoch)."""
+    drawn = []
+    draw_grid = plots.correction_grid_figure
+
+    def spy(*args: object, **kwargs: object) -> Figure:
+        figure = draw_grid(*args, **kwargs)
+        drawn.append((inspect.signature(draw_grid).bind(*args, **kwargs).arguments, figure))
+        return figure
+
+    monkeypatch.setattr(plots, "correction_grid_figure", spy)
+    L.seed_everything(0)
+    figures = NoisyLabelFigures(
+        grid_size=3, grid_selection="least_confident", track_test_accuracy=track_test_accuracy, dpi=30
+    )
+    callbacks = [EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0), figures]
+    trainer = quiet_trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=callbacks)
+    model = NoisyLabelClassifier(net=MLP(hidden_sizes=[32]), method="em")
+    datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.4)
+    trainer.fit(model, datamodule)
+
+    assert [epoch for epoch, _ in figures.history["val/acc_clean"]] == [0, 1]  # the curves are recorded either way
+    if track_test_accuracy:
+        final_accuracy = (model.logits_of(datamodule.test_images).argmax(dim=1) == datamodule.test_labels).double()
+        assert [epoch for epoch, _ in figures.history["test/acc"]] == [0, 1]
+        assert figures.history["test/acc"][-1][1] == pytest.approx(final_accuracy.mean().item())
+    else:
+        assert "test/acc" not in figures.history
+
+    ((arguments, grid),) = drawn
+    assert (arguments["selection"], arguments["rows"], arguments["cols"]) == ("least_confident", 3, 3)
+    # The 9 changed labels with the lowest confidence, least confident first, as "given→corrected (true)".
+    given, corrected, truth, confidence = (
+        np.asarray(arguments[key]) for key in ("noisy_labels", "corrected_labels", "true_labels", "confidence")
+    )
+    changed = np.flatnonzero(given != corrected)
+    assert len(changed) >= 9
+    chosen = changed[np.argsort(confidence[changed], kind="stable")[:9]]
+    assert [ax.get_title() for ax in image_axes(grid)] == [f"{given[i]}→{corrected[i]} ({truth[i]})" for i in chosen]

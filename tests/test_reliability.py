@@ -215,6 +215,7 @@ def test_a_file_where_the_figures_folder_goes_is_named_before_training(tmp_path:
     assert trainer.global_step == 0
 
 
+@pytest.mark.slow
 def test_checkpointing_every_step_with_the_em_callback_and_figures(tmp_path: Path) -> None:
     """The callbacks together, as a user would combine them, with a checkpoint after each step."""
     L.seed_everything(0)
@@ -224,3 +225,11 @@ def test_checkpointing_every_step_with_the_em_callback_and_figures(tmp_path: Pat
     trainer.fit(small_model(method="em"), NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3))
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
     assert (tmp_path / "figures" / "correction_grid.png").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"", "is empty"), (bytes(range(256)) * 8, "is not a PyTorch")])
+def test_an_empty_or_random_checkpoint_file_is_named(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"checkpoint {path} {message}"):
+        NoisyLabelClassifier.load_from_checkpoint(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SUBPROCESS_TIMEOUT_S
 
 WORKER = Path(__file__).parent / "resume_worker.py"
 
@@ -24,7 +25,10 @@ pytestmark = pytest.mark.slow
 
 def run_worker(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(out), *args], capture_output=True, text=True, timeout=600
+        [sys.executable, str(WORKER), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
 
 
