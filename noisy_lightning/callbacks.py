@@ -161,7 +161,12 @@ class EMNoiseEstimation(L.Callback):
     def em_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         """One E-step and (unless held or frozen) theta M-step; the first round initialises theta."""
         sums, self._train_pass = self._train_pass, None
-        if self.e_step == "inference" or sums is None:
+        if self.e_step == "train_pass" and sums is None:
+            rank_zero_warn(
+                f"EMNoiseEstimation: no training-pass outputs were collected for epoch {epoch}; "
+                "this round's E-step uses an inference pass instead"
+            )
+        if sums is None:
             sums = inference_probabilities(trainer, pl_module, self.noise_matrix_from == "validation")
         probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
         pool, layer = trainer.datamodule.pool, pl_module.noise_layer

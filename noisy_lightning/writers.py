@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 from noisy_lightning.contract import NoisyLabelData
 from noisy_lightning.files import atomic_write
@@ -46,8 +47,7 @@ class ResultsWriter(BasePredictionWriter):
         if isinstance(trainer.datamodule, NoisyLabelData):
             issues = find_label_issues(pl_module, trainer.datamodule)
             self.written.append(issues.to_csv(folder / "label_issues.csv"))
-        for path in self.written:
-            print(f"wrote {path}")
+        rank_zero_info("ResultsWriter wrote " + ", ".join(str(path) for path in self.written))
 
     @staticmethod
     def _write_predictions(probabilities: torch.Tensor, path: Path) -> Path:
