@@ -3,12 +3,14 @@
 Public API::
 
     from noisy_lightning import NoisyLabelDataModule, NoisyLabelClassifier, MLP, EMNoiseEstimation
+    from noisy_lightning import CoTeachingClassifier, NoiseMatrixEstimation
     from noisy_lightning import find_label_issues
 """
 
 from noisy_lightning import quiet
-from noisy_lightning.callbacks import EMNoiseEstimation, NoisyLabelFigures
+from noisy_lightning.callbacks import EMNoiseEstimation, NoiseMatrixEstimation, NoisyLabelFigures
 from noisy_lightning.contract import NoisyLabelData, NoisyPool
+from noisy_lightning.coteaching import CoTeachingClassifier
 from noisy_lightning.data import NoisyLabelDataModule
 from noisy_lightning.issues import LabelIssues, find_label_issues
 from noisy_lightning.models import CNN, MLP
@@ -19,8 +21,10 @@ from noisy_lightning.writers import ResultsWriter
 __all__ = [
     "CNN",
     "MLP",
+    "CoTeachingClassifier",
     "EMNoiseEstimation",
     "LabelIssues",
+    "NoiseMatrixEstimation",
     "NoisyLabelClassifier",
     "NoisyLabelData",
     "NoisyLabelDataModule",

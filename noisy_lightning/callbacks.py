@@ -1,4 +1,5 @@
-"""Lightning callbacks: ``EMNoiseEstimation`` schedules EM rounds; ``NoisyLabelFigures`` draws the figures.
+"""Lightning callbacks: ``EMNoiseEstimation`` schedules EM rounds; ``NoiseMatrixEstimation`` sets the noise matrix of
+the loss-correction methods once; ``NoisyLabelFigures`` draws the figures.
 
 The mathematics lives in :mod:`noisy_lightning.em`, ``theta`` in the model's noise layer
 (:mod:`noisy_lightning.noise_layer`), and the data contract in :mod:`noisy_lightning.contract`.
@@ -15,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from noisy_lightning import em
+from noisy_lightning import em, peers
 from noisy_lightning.checks import check_choice, check_float, check_int, check_optional_int
 from noisy_lightning.contract import NoisyLabelData, require_noisy_label_data
 
@@ -215,6 +216,93 @@ class EMNoiseEstimation(L.Callback):
         if state_dict["train_pass_sums"] is not None:
             self._train_pass = em.ProbabilitySums(*state_dict["train_pass_sums"][0].shape)
             self._train_pass.sums, self._train_pass.counts = state_dict["train_pass_sums"]
+
+
+NoiseMatrixEstimator = Literal["anchor", "confusion", "true"]
+
+
+class NoiseMatrixEstimation(L.Callback):
+    """Set the noise matrix ``theta`` of a loss-correction method once: ``method="forward"``, ``"backward"`` or
+    ``"nal"`` of :class:`~noisy_lightning.NoisyLabelClassifier`, and the forget rate of
+    :class:`~noisy_lightning.coteaching.CoTeachingClassifier`.
+
+    The network trains on the given labels for ``warmup_epochs``; at the end of that epoch ``p(z | x)`` is computed
+    over the training split (an eval-mode pass, summed across ranks like EM's E-step) and ``theta`` is set from it:
+
+    - ``"anchor"``: Patrini et al.'s anchor points (:func:`noisy_lightning.peers.anchor_noise_matrix`), the estimate
+      that forward and backward correction are published with;
+    - ``"confusion"``: the soft confusion matrix between ``p(z | x)`` and the given labels
+      (:func:`noisy_lightning.em.initial_noise_matrix`), the noise adaptation layer's initialisation;
+    - ``"true"``: the data's true transition matrix, from the first step (an *oracle*: it needs data that knows its
+      corruption, and no real data does).
+
+    ``theta`` lives in the model's noise layer, so checkpoints keep it, and a resumed fit does not estimate it again.
+
+    Args:
+        estimator: ``"anchor"``, ``"confusion"`` or ``"true"``; ``None`` takes the model's method's own
+            (``NoiseLayer.noise_matrix_estimator``).
+        warmup_epochs: epochs on the given labels before the estimate (>= 1).
+        anchor_percentile: the percentile in ``(0, 100]`` at which anchors are taken (97, the paper's).
+    """
+
+    def __init__(
+        self,
+        estimator: NoiseMatrixEstimator | None = None,
+        warmup_epochs: int = 6,
+        anchor_percentile: float = 97.0,
+    ) -> None:
+        super().__init__()
+        self.estimator = (
+            None if estimator is None else check_choice("estimator", estimator, ("anchor", "confusion", "true"))
+        )
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, 1)
+        self.anchor_percentile = check_float("anchor_percentile", anchor_percentile, 0, 100, open_minimum=True)
+        self.active_estimator: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        layer = getattr(pl_module, "noise_layer", None)
+        self.active_estimator = self.estimator or getattr(layer, "noise_matrix_estimator", None)
+        if layer is None or getattr(layer, "estimated_by_em", False) or self.active_estimator is None:
+            self.active_estimator = None
+            rank_zero_warn(
+                f"NoiseMatrixEstimation is off for this fit: the model's method={getattr(pl_module, 'method', None)!r} "
+                "does not train with a fixed or initialised noise matrix"
+            )
+            return
+        data = require_noisy_label_data(trainer.datamodule, "NoiseMatrixEstimation")
+        if self.active_estimator == "true" and not data.pool.knows_truth:
+            raise ValueError(
+                "NoiseMatrixEstimation(estimator='true') needs data that knows its true transition matrix "
+                "(synthetic corruption); use estimator='anchor' for real noisy labels"
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active_estimator == "true":
+            if not pl_module.noise_layer.is_started:
+                pl_module.noise_layer.update(trainer.datamodule.pool.true_transition_matrix)
+        elif self.active_estimator is not None and trainer.current_epoch >= self.warmup_epochs:
+            # Resumed from a checkpoint saved after the warm-up's last step but before its epoch-end hooks.
+            self._estimate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active_estimator not in (None, "true") and trainer.current_epoch + 1 >= self.warmup_epochs:
+            self._estimate(trainer, pl_module)
+
+    def _estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        layer = pl_module.noise_layer
+        if layer.is_started:
+            return
+        sums = inference_probabilities(trainer, pl_module, with_validation=False)
+        probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
+        if self.active_estimator == "anchor":
+            noise_matrix = peers.anchor_noise_matrix(probabilities, self.anchor_percentile)
+        else:
+            pool = trainer.datamodule.pool
+            given = pool.given_labels.to(scored.device)[scored]
+            noise_matrix = em.initial_noise_matrix(probabilities.double(), given, pool.num_classes)
+        layer.update(noise_matrix)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from noisy_lightning.contract import EvalBatch, NoisyLabelData, PredictBatch, Te
 from noisy_lightning.models import MLP, build_net, net_spec
 from noisy_lightning.noise_layer import METHODS, EMTargets, make_noise_layer
 
-Method = Literal["ce", "em"]
+Method = Literal["ce", "em", "forward", "backward", "nal", "gce"]
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -83,7 +83,15 @@ class NoisyLabelClassifier(L.LightningModule):
     - ``"ce"``: cross-entropy against the given labels (the baseline);
     - ``"em"``: Bekker & Goldberger's EM: cross-entropy until the
       :class:`~noisy_lightning.callbacks.EMNoiseEstimation` callback (added when the Trainer has none) sets
-      ``theta``, then training on the posteriors of the true labels.
+      ``theta``, then training on the posteriors of the true labels;
+    - ``"forward"`` / ``"backward"``: Patrini et al.'s loss corrections, with ``theta`` set once by
+      :class:`~noisy_lightning.callbacks.NoiseMatrixEstimation` (added when the Trainer has none: anchor points
+      after a 6-epoch warm-up);
+    - ``"nal"``: the noise adaptation layer (a learned ``theta``, initialised from the confusion matrix by
+      ``NoiseMatrixEstimation``);
+    - ``"gce"``: the generalised cross-entropy ``(1 - p(z | x)^q) / q``.
+
+    Co-teaching, which trains two networks, is :class:`~noisy_lightning.coteaching.CoTeachingClassifier`.
 
     The defaults are the recipe of the results table: ``MLP(784, [500, 300], 10)`` with dropout 0.5, Adam at 1e-3
     with a cosine schedule, and 2-pixel random shifts. The paper's plain recipe is
@@ -96,7 +104,7 @@ class NoisyLabelClassifier(L.LightningModule):
     Args:
         net: the network; default ``MLP(num_classes=num_classes)``. A net built by this library (``MLP``,
             ``CNN``) is saved in the hyperparameters, so ``load_from_checkpoint(path)`` rebuilds it.
-        method: ``"ce"`` or ``"em"``.
+        method: one of ``"ce"``, ``"em"``, ``"forward"``, ``"backward"``, ``"nal"``, ``"gce"``.
         num_classes: number of classes ``K`` (>= 2).
         lr: learning rate (> 0).
         weight_decay: L2 penalty (decoupled for ``adamw``), >= 0.
@@ -106,6 +114,7 @@ class NoisyLabelClassifier(L.LightningModule):
             that knows its image shape.
         em_targets: ``"online"`` or ``"stored"`` posteriors for ``"em"``
             (:class:`~noisy_lightning.noise_layer.EMLayer`).
+        gce_q: the exponent ``q`` in ``(0, 1]`` of ``method="gce"`` (0.7, the paper's).
         reseed_every_step: seed the RNG from ``(the seed at the start of the first fit, epoch, batch, rank)`` before
             each training step, so a resumed run draws the same random numbers as an uninterrupted one.
     """
@@ -121,6 +130,7 @@ class NoisyLabelClassifier(L.LightningModule):
         lr_scheduler: Literal["none", "cosine"] = "cosine",
         augment_shift: int = 2,
         em_targets: EMTargets = "online",
+        gce_q: float = 0.7,
         reseed_every_step: bool = True,
     ) -> None:
         super().__init__()
@@ -145,8 +155,9 @@ class NoisyLabelClassifier(L.LightningModule):
             self.hparams["net"] = net_spec(self.net)
         self.method = method
         self.num_classes = num_classes
-        self.noise_layer = make_noise_layer(method, num_classes, em_targets)
+        self.noise_layer = make_noise_layer(method, num_classes, em_targets, gce_q)
         self.image_shape: tuple[int, ...] | None = None
+        self.image_shape_from_data = False  # True once the data said what its samples are (images or features)
         self.step_seed_base: int | None = None
 
         def accuracy() -> MulticlassAccuracy:
@@ -185,6 +196,7 @@ class NoisyLabelClassifier(L.LightningModule):
             )
         if isinstance(datamodule, NoisyLabelData) and getattr(datamodule, "is_set_up", True):
             self.image_shape = datamodule.pool.image_shape
+            self.image_shape_from_data = True
             self._check_output_width(datamodule.pool.images[:2])
         if self.hparams.augment_shift > 0 and stage == "fit" and datamodule is not None and self.image_shape is None:
             rank_zero_warn(
@@ -230,12 +242,17 @@ class NoisyLabelClassifier(L.LightningModule):
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        if not self.noise_layer.estimated_by_em:
-            return []
-        from noisy_lightning.callbacks import EMNoiseEstimation
+        """The callback that sets ``theta`` for this method, unless the Trainer has one of its kind already."""
+        from noisy_lightning.callbacks import EMNoiseEstimation, NoiseMatrixEstimation
 
-        has_em = any(isinstance(callback, EMNoiseEstimation) for callback in self.trainer.callbacks)
-        return [] if has_em else [EMNoiseEstimation()]
+        if self.noise_layer.estimated_by_em:
+            wanted: type[L.Callback] = EMNoiseEstimation
+        elif self.noise_layer.noise_matrix_estimator is not None:
+            wanted = NoiseMatrixEstimation
+        else:
+            return []
+        present = any(isinstance(callback, wanted) for callback in self.trainer.callbacks)
+        return [] if present else [wanted()]
 
     # ---- reproducible randomness -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -250,6 +267,9 @@ class NoisyLabelClassifier(L.LightningModule):
         if self.hparams.reseed_every_step:
             base = self.step_seed_base if self.step_seed_base is not None else torch.initial_seed()
             reseed_for_step(base, self.current_epoch, batch_idx, self.global_rank, self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.noise_layer.refresh()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["step_seed_base"] = self.step_seed_base
@@ -270,11 +290,7 @@ class NoisyLabelClassifier(L.LightningModule):
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> dict[str, Tensor]:
         x, label, index = batch
-        if self.hparams.augment_shift > 0:
-            if self.image_shape is None:
-                self.image_shape = image_shape_of(x)
-            if self.image_shape is not None:
-                x = random_shift(x, self.hparams.augment_shift, self.image_shape)
+        x = self.augment(x)
         logits = self.net(x)
         if batch_idx == 0:
             self._check_logits(logits, x.shape[0])
@@ -282,6 +298,18 @@ class NoisyLabelClassifier(L.LightningModule):
         self.train_loss.update(loss.detach(), weight=x.shape[0])
         # The EM callback's train_pass E-step reads the logits of the step.
         return {"loss": loss, "logits": logits.detach()}
+
+    def augment(self, x: Tensor) -> Tensor:
+        """``x`` shifted at random by up to ``augment_shift`` pixels, when its samples are images.
+
+        Data that implements :class:`~noisy_lightning.contract.NoisyLabelData` says whether they are; for other
+        data, ``[B, H, W]``, ``[B, C, H, W]`` and flat square samples are taken as images.
+        """
+        if self.hparams.augment_shift == 0:
+            return x
+        if self.image_shape is None and not self.image_shape_from_data:
+            self.image_shape = image_shape_of(x)
+        return x if self.image_shape is None else random_shift(x, self.hparams.augment_shift, self.image_shape)
 
     def on_train_epoch_end(self) -> None:
         # MeanMetric.compute() all-reduces its sums across ranks, so every rank logs the global mean.

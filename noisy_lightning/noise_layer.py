@@ -9,6 +9,15 @@ Methods, keyed by :data:`METHODS`:
 - ``"ce"`` (:class:`CrossEntropyLayer`): cross-entropy on the given labels; ``theta`` stays the identity.
 - ``"em"`` (:class:`EMLayer`): Bekker & Goldberger's EM. Cross-entropy until ``theta`` is first set, then the
   network trains on the posteriors ``c[t, i] ∝ p(y = i | x_t) theta[i, z_t]``.
+- ``"forward"`` (:class:`ForwardCorrectionLayer`) and ``"backward"`` (:class:`BackwardCorrectionLayer`): Patrini
+  et al.'s loss corrections with a fixed ``theta`` (an anchor-point estimate, or the true ``T`` as an oracle).
+- ``"nal"`` (:class:`NoiseAdaptationLayer`): Goldberger & Ben-Reuven's noise adaptation layer (simple model), a
+  learned ``theta = softmax(B)`` trained jointly with the network, initialised from the confusion matrix.
+- ``"gce"`` (:class:`GeneralizedCrossEntropyLayer`): Zhang & Sabuncu's robust loss; no ``theta``.
+
+A layer whose :attr:`~NoiseLayer.noise_matrix_estimator` is set gets ``theta`` from the
+:class:`~noisy_lightning.callbacks.NoiseMatrixEstimation` callback, and trains with cross-entropy until then. The
+per-sample mathematics is in :mod:`noisy_lightning.peers`.
 
 ``theta`` and the layer's state are buffers: they move with the module, are saved in checkpoints, and stay
 float32 whatever precision the Trainer runs the network in.
@@ -23,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisy_lightning import em
-from noisy_lightning.checks import check_choice
+from noisy_lightning import em, peers
+from noisy_lightning.checks import check_choice, check_float
 from noisy_lightning.noise import check_transition_matrix
 
 EMTargets = Literal["online", "stored"]
@@ -34,10 +43,13 @@ class NoiseLayer(nn.Module):
     """Base class: owns ``noise_matrix`` (``theta``) and a ``started`` flag; the loss is plain cross-entropy.
 
     Subclasses override :meth:`loss`. Set :attr:`estimated_by_em` to ``True`` for a layer whose ``theta`` the
-    :class:`~noisy_lightning.callbacks.EMNoiseEstimation` callback should estimate.
+    :class:`~noisy_lightning.callbacks.EMNoiseEstimation` callback should estimate, or
+    :attr:`noise_matrix_estimator` to the estimator that
+    :class:`~noisy_lightning.callbacks.NoiseMatrixEstimation` should set ``theta`` from once.
     """
 
     estimated_by_em: ClassVar[bool] = False
+    noise_matrix_estimator: ClassVar[str | None] = None
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -88,6 +100,9 @@ class NoiseLayer(nn.Module):
     def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
         """The training loss of a batch; ``index`` is each sample's row in the training pool."""
         return F.cross_entropy(logits, labels)
+
+    def refresh(self) -> None:
+        """Called after each optimiser step; a layer whose ``theta`` is learned copies it into ``noise_matrix``."""
 
     # ---- changing theta ---------------------------------------------------------------------------------------
     def update(self, noise_matrix: Tensor, posterior: Tensor | None = None, rows: Tensor | None = None) -> None:
@@ -151,13 +166,99 @@ class EMLayer(NoiseLayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-METHODS: tuple[str, ...] = ("ce", "em")
+class _CorrectedLayer(NoiseLayer):
+    """Cross-entropy until ``theta`` is set, then :meth:`corrected_loss`."""
+
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        if not self.is_started:
+            return F.cross_entropy(logits, labels)
+        return self.corrected_loss(logits, labels).mean()
+
+    def corrected_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
-def make_noise_layer(method: str, num_classes: int, em_targets: EMTargets = "online") -> NoiseLayer:
+class ForwardCorrectionLayer(_CorrectedLayer):
+    """``method="forward"``: Patrini et al.'s forward correction, ``-log sum_i p(i | x) theta[i, z]`` with ``theta``
+    fixed once set (by default the anchor-point estimate at the end of the warm-up)."""
+
+    noise_matrix_estimator: ClassVar[str | None] = "anchor"
+
+    def corrected_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return peers.forward_corrected_nll(logits, self.noise_matrix, labels)
+
+
+class BackwardCorrectionLayer(_CorrectedLayer):
+    """``method="backward"``: Patrini et al.'s backward correction, ``sum_j (theta^-1)[z, j] (-log p(j | x))``."""
+
+    noise_matrix_estimator: ClassVar[str | None] = "anchor"
+
+    def corrected_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return peers.backward_corrected_ce(logits, self.noise_matrix, labels)
+
+
+class NoiseAdaptationLayer(_CorrectedLayer):
+    """``method="nal"``: the noise adaptation layer's simple model (Goldberger & Ben-Reuven, ICLR 2017).
+
+    ``theta = softmax(B)`` row by row, with ``B`` a learned ``K x K`` parameter trained jointly with the network on
+    ``-log sum_i p(i | x) theta[i, z]``. :meth:`update` sets ``B = log theta`` (the paper initialises it from the
+    confusion matrix of the network trained on the given labels); ``noise_matrix`` follows ``softmax(B)`` after
+    every optimiser step.
+    """
+
+    noise_matrix_estimator: ClassVar[str | None] = "confusion"
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.transition_logits = nn.Parameter(torch.zeros(num_classes, num_classes))
+
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        loss = super().loss(logits, labels, index)
+        # B takes no part in the warm-up's cross-entropy; a zero-weighted term keeps DistributedDataParallel from
+        # failing on a parameter without a gradient.
+        return loss if self.is_started else loss + 0.0 * self.transition_logits.sum()
+
+    def corrected_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return peers.forward_corrected_nll(logits, torch.softmax(self.transition_logits.float(), dim=1), labels)
+
+    def refresh(self) -> None:
+        if self.is_started:
+            with torch.no_grad():
+                self.noise_matrix.copy_(torch.softmax(self.transition_logits.float(), dim=1))
+
+    def update(self, noise_matrix: Tensor, posterior: Tensor | None = None, rows: Tensor | None = None) -> None:
+        super().update(noise_matrix)
+        with torch.no_grad():
+            self.transition_logits.copy_(self.noise_matrix.clamp_min(1e-6).log().to(self.transition_logits))
+
+
+class GeneralizedCrossEntropyLayer(NoiseLayer):
+    """``method="gce"``: Zhang & Sabuncu's generalised cross-entropy ``(1 - p(z | x)^q) / q``; no ``theta``."""
+
+    def __init__(self, num_classes: int, q: float = 0.7) -> None:
+        super().__init__(num_classes)
+        self.q = check_float("gce_q", q, 0, 1, open_minimum=True)
+
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+        return peers.generalized_cross_entropy(logits, labels, self.q).mean()
+
+
+METHODS: tuple[str, ...] = ("ce", "em", "forward", "backward", "nal", "gce")
+
+
+def make_noise_layer(method: str, num_classes: int, em_targets: EMTargets = "online", gce_q: float = 0.7) -> NoiseLayer:
     """The noise layer for ``method`` (one of :data:`METHODS`)."""
     check_choice("method", method, METHODS)
+    check_choice("em_targets", em_targets, ("online", "stored"))
+    check_float("gce_q", gce_q, 0, 1, open_minimum=True)
     if method == "em":
         return EMLayer(num_classes, em_targets)
-    check_choice("em_targets", em_targets, ("online", "stored"))
-    return CrossEntropyLayer(num_classes)
+    layers: dict[str, type[NoiseLayer]] = {
+        "ce": CrossEntropyLayer,
+        "forward": ForwardCorrectionLayer,
+        "backward": BackwardCorrectionLayer,
+        "nal": NoiseAdaptationLayer,
+    }
+    if method == "gce":
+        return GeneralizedCrossEntropyLayer(num_classes, gce_q)
+    return layers[method](num_classes)

@@ -1,0 +1,365 @@
+"""EM against the standard methods for noisy labels, under one recipe: the same network, optimiser, epochs,
+augmentation, seeds and model-selection rule (the last epoch, so no label of any kind picks the model).
+
+    python benchmarks/compare.py --dataset mnist --seeds 0 1 2
+    python benchmarks/compare.py --dataset fashion_mnist --methods ce em gce
+
+Every fit is appended to ``benchmarks/results/compare_<dataset>.csv`` as it finishes and the ``.md`` is rewritten,
+so the script can be stopped and started again: fits already in the CSV are skipped. Methods:
+
+- ``ce``: cross-entropy on the given labels; ``em``: this library's EM with its defaults;
+- ``forward`` / ``backward``: Patrini et al. (CVPR 2017) with anchor-point ``T`` after the same 6-epoch warm-up
+  as EM; ``forward_oracle``: forward correction with the true ``T`` from the first step (an oracle, not a method);
+- ``nal``: the noise adaptation layer's simple model (Goldberger & Ben-Reuven, ICLR 2017);
+- ``gce``: generalised cross-entropy, ``q = 0.7`` (Zhang & Sabuncu, NeurIPS 2018);
+- ``coteaching``: Han et al. (NeurIPS 2018), forget rate estimated from anchor points after the first epoch;
+- ``cleanlearning``: cleanlab's recipe done with the same network: 5-fold out-of-fold ``pred_probs`` on the
+  training split, ``cleanlab.filter.find_label_issues``, then a cross-entropy fit on the labels it keeps. Needs the
+  benchmark extra (``pip install -e ".[bench]"``). Its fit time is the sum of its six fits.
+
+For ``em`` and ``cleanlearning`` the CSV also holds the precision and recall of the flagged labels against the true
+flips of the training split, and the theta error of cleanlab's own estimate
+(``estimate_py_and_noise_matrices_from_probabilities``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    QUIET_TRAINER,
+    RESULTS,
+    append_row,
+    command_line,
+    commit,
+    machine,
+    metadata_line,
+    read_table,
+    write_text,
+)
+
+from noisy_lightning import (
+    MLP,
+    CoTeachingClassifier,
+    NoiseMatrixEstimation,
+    NoisyLabelClassifier,
+    NoisyLabelDataModule,
+    find_label_issues,
+)
+from noisy_lightning.em import noise_matrix_error
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    noise_type: str
+    noise_rate: float
+
+
+# The rows of the README's results table.
+ROWS = (
+    Row("uniform 50%", "uniform", 0.5),
+    Row("permutation 46%", "permutation", 0.46),
+    Row("pair-flip 45%", "pair_flip", 0.45),
+    Row("symmetric 50%", "symmetric", 0.5),
+    Row("symmetric 20%", "symmetric", 0.2),
+    Row("symmetric 80%", "symmetric", 0.8),
+)
+
+# The shared recipe: the library's defaults.
+RECIPE = {"epochs": 30, "batch_size": 256, "lr": 1e-3, "hidden_sizes": [500, 300], "dropout": 0.5, "augment_shift": 2}
+METHODS = ("ce", "em", "forward", "forward_oracle", "backward", "nal", "gce", "coteaching", "cleanlearning")
+ESTIMATES_T = {"em", "forward", "backward", "nal", "coteaching", "cleanlearning"}
+CV_FOLDS = 5
+
+COLUMNS = [
+    "dataset",
+    "row",
+    "noise_type",
+    "noise_rate",
+    "method",
+    "seed",
+    "test_acc",
+    "val_acc_noisy",
+    "theta_error",
+    "issue_precision",
+    "issue_recall",
+    "flip_rate",
+    "fits",
+    "fit_seconds",
+    "recipe_json",
+    "commit",
+    "machine",
+    "command",
+]
+
+
+def make_model(method: str) -> tuple[L.LightningModule, list[L.Callback]]:
+    """The model and callbacks of ``method`` under the shared recipe; everything else is the library's default."""
+    net = MLP(hidden_sizes=RECIPE["hidden_sizes"], dropout=RECIPE["dropout"])
+    common = {"lr": RECIPE["lr"], "augment_shift": RECIPE["augment_shift"]}
+    if method == "coteaching":
+        return CoTeachingClassifier(net=net, **common), []
+    if method == "forward_oracle":
+        return NoisyLabelClassifier(net=net, method="forward", **common), [NoiseMatrixEstimation(estimator="true")]
+    if method == "cleanlearning":
+        method = "ce"
+    return NoisyLabelClassifier(net=net, method=method, **common), []
+
+
+def fit(model: L.LightningModule, datamodule: L.LightningDataModule, callbacks: list[L.Callback]) -> float:
+    trainer = L.Trainer(accelerator="cpu", max_epochs=RECIPE["epochs"], callbacks=callbacks, **QUIET_TRAINER)
+    started = time.perf_counter()
+    trainer.fit(model, datamodule)
+    return time.perf_counter() - started
+
+
+def test_accuracy(model: NoisyLabelClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return (model.logits_of(images).argmax(dim=1) == labels).double().mean().item()
+
+
+def precision_recall(flagged: torch.Tensor, flipped: torch.Tensor) -> tuple[float, float]:
+    hits = (flagged & flipped).sum().item()
+    precision = hits / flagged.sum().item() if flagged.any() else float("nan")
+    recall = hits / flipped.sum().item() if flipped.any() else float("nan")
+    return precision, recall
+
+
+def run_method(method: str, datamodule: NoisyLabelDataModule) -> dict[str, float]:
+    """Fit ``method`` and return its measurements (test accuracy on the clean test set, last epoch)."""
+    pool = datamodule.pool
+    truth = datamodule.true_transition_matrix
+    if method == "cleanlearning":
+        return run_cleanlearning(datamodule)
+    model, callbacks = make_model(method)
+    seconds = fit(model, datamodule, callbacks)
+    result = {
+        "test_acc": test_accuracy(model, datamodule.test_images, datamodule.test_labels),
+        "val_acc_noisy": test_accuracy(model, pool.images[pool.val_indices], pool.given_labels[pool.val_indices]),
+        "theta_error": noise_matrix_error(model.noise_matrix, truth) if method in ESTIMATES_T else float("nan"),
+        "issue_precision": float("nan"),
+        "issue_recall": float("nan"),
+        "fits": 1,
+        "fit_seconds": seconds,
+    }
+    if method == "em":
+        issues = find_label_issues(model, datamodule)
+        in_train = ~issues.in_validation
+        rows = issues.index[in_train]
+        flipped = pool.given_labels[rows] != pool.clean_labels[rows]
+        result["issue_precision"], result["issue_recall"] = precision_recall(issues.is_issue[in_train], flipped)
+    return result
+
+
+def run_cleanlearning(datamodule: NoisyLabelDataModule) -> dict[str, float]:
+    """cleanlab's CleanLearning with this library's network and recipe, its steps done one by one."""
+    from cleanlab.count import estimate_py_and_noise_matrices_from_probabilities
+    from cleanlab.filter import find_label_issues as cleanlab_find_label_issues
+
+    pool = datamodule.pool
+    train = pool.train_indices
+    images, given, clean = pool.images[train], pool.given_labels[train], pool.clean_labels[train]
+    # As images, so that the folds' fits shift them like the other methods' (a flat [N, D] tensor is features).
+    as_images = (
+        images.view(-1, *pool.image_shape[1:]) if pool.image_shape[0] == 1 else images.view(-1, *pool.image_shape)
+    )
+    folds = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)) % CV_FOLDS
+    pred_probs = torch.zeros(len(train), pool.num_classes)
+    seconds = 0.0
+    for fold in range(CV_FOLDS):
+        held_out = folds == fold
+        fold_data = NoisyLabelDataModule.from_tensors(
+            as_images[~held_out], given[~held_out], clean_labels=clean[~held_out], batch_size=RECIPE["batch_size"]
+        )
+        model, callbacks = make_model("ce")
+        seconds += fit(model, fold_data, callbacks)
+        pred_probs[held_out] = torch.softmax(model.logits_of(images[held_out]), dim=1)
+    labels, probs = given.numpy(), pred_probs.double().numpy()
+    flagged = torch.from_numpy(cleanlab_find_label_issues(labels, probs))
+    precision, recall = precision_recall(flagged, given != clean)
+    _, noise_matrix, _, _ = estimate_py_and_noise_matrices_from_probabilities(labels, probs)
+    # cleanlab's noise_matrix[given, true] = P(given | true): the transpose of theta.
+    theta = torch.from_numpy(noise_matrix).t()
+    kept = NoisyLabelDataModule.from_tensors(
+        as_images[~flagged], given[~flagged], clean_labels=clean[~flagged], batch_size=RECIPE["batch_size"]
+    )
+    model, callbacks = make_model("ce")
+    seconds += fit(model, kept, callbacks)
+    return {
+        "test_acc": test_accuracy(model, datamodule.test_images, datamodule.test_labels),
+        "val_acc_noisy": test_accuracy(model, pool.images[pool.val_indices], pool.given_labels[pool.val_indices]),
+        "theta_error": noise_matrix_error(theta, datamodule.true_transition_matrix),
+        "issue_precision": precision,
+        "issue_recall": recall,
+        "fits": CV_FOLDS + 1,
+        "fit_seconds": seconds,
+    }
+
+
+# ---- the tables ---------------------------------------------------------------------------------------------------
+def numbers(runs: Sequence[Mapping[str, str]], key: str) -> list[float]:
+    return [float(run[key]) for run in runs if run[key] not in ("", "nan")]
+
+
+def accuracy_cell(runs: Sequence[Mapping[str, str]]) -> str:
+    values = [100 * value for value in numbers(runs, "test_acc")]
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    worst = f" (worst {min(values):.2f})" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}{worst}"
+
+
+def mean_cell(runs: Sequence[Mapping[str, str]], key: str, digits: int = 3, scale: float = 1.0) -> str:
+    values = numbers(runs, key)
+    return f"{scale * statistics.mean(values):.{digits}f}" if values else "-"
+
+
+def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -> None:
+    runs = read_table(csv_path)
+    methods = [method for method in METHODS if any(run["method"] == method for run in runs)]
+    rows = [row.name for row in ROWS if any(run["row"] == row.name for run in runs)]
+
+    def of(row: str, method: str) -> list[dict[str, str]]:
+        return [run for run in runs if run["row"] == row and run["method"] == method]
+
+    lines = [
+        f"# {dataset}: EM against the standard methods under one recipe",
+        "",
+        metadata,
+        "",
+        f"Recipe for every method: `{json.dumps(RECIPE)}`, Adam, cosine schedule, the last epoch's model. "
+        "Test accuracy (%) on the clean test set, mean ± std over seeds and the worst seed. `forward_oracle` is given "
+        "the true noise matrix: an upper reference, not a method. Machines: the `machine` column of the CSV.",
+        "",
+        "| noise | seeds | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for row in rows:
+        seeds = len({run["seed"] for run in runs if run["row"] == row})
+        lines.append(f"| {row} | {seeds} | " + " | ".join(accuracy_cell(of(row, m)) for m in methods) + " |")
+    estimating = [method for method in methods if method in ESTIMATES_T]
+    lines += [
+        "",
+        "Theta error, ||theta - T||_1 / ||T||_1 against the realised corruption, mean over seeds (cleanlearning: "
+        "cleanlab's `estimate_py_and_noise_matrices_from_probabilities` on the out-of-fold probabilities):",
+        "",
+        "| noise | " + " | ".join(estimating) + " |",
+        "|---|" + "---|" * len(estimating),
+    ]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(mean_cell(of(row, m), "theta_error") for m in estimating) + " |")
+    lines += [
+        "",
+        "Wall time per method as a ratio to the cross-entropy fit of the same noise and seeds, measured in the same "
+        "run of this script (cleanlearning: its five cross-validation fits and its final fit together):",
+        "",
+        "| noise | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for row in rows:
+        base = numbers(of(row, "ce"), "fit_seconds")
+        cells = []
+        for method in methods:
+            seconds = numbers(of(row, method), "fit_seconds")
+            cells.append(f"{statistics.mean(seconds) / statistics.mean(base):.2f}" if seconds and base else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if any(of(row, "cleanlearning") for row in rows):
+        lines += [
+            "",
+            "Label issues on the training split against the true flips (precision / recall of the flagged labels), "
+            "EM's `find_label_issues` against cleanlab's `find_label_issues` on 5-fold out-of-fold probabilities:",
+            "",
+            "| noise | EM precision | EM recall | cleanlab precision | cleanlab recall | EM fits | cleanlab fits |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            em_runs, cl_runs = of(row, "em"), of(row, "cleanlearning")
+            lines.append(
+                f"| {row} | {mean_cell(em_runs, 'issue_precision', 4)} | {mean_cell(em_runs, 'issue_recall', 4)} | "
+                f"{mean_cell(cl_runs, 'issue_precision', 4)} | {mean_cell(cl_runs, 'issue_recall', 4)} | "
+                f"{mean_cell(em_runs, 'fits', 0)} | {mean_cell(cl_runs, 'fits', 0)} |"
+            )
+    write_text(md_path, lines)
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rows", nargs="+", default=[row.name for row in ROWS], metavar="ROW")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=None, help="results stem (default results/compare_<dataset>)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the CSV and stop")
+    args = parser.parse_args()
+    unknown = set(args.rows) - {row.name for row in ROWS}
+    if unknown:
+        parser.error(f"--rows: unknown row(s) {sorted(unknown)}; known: {[row.name for row in ROWS]}")
+    return args
+
+
+def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_method) -> None:
+    args = parse_arguments()
+    stem = args.out or RESULTS / f"compare_{args.dataset}"
+    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    measured_by = {"commit": commit(), "machine": machine(), "command": command_line()}
+    metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
+    if args.markdown_only:
+        write_markdown(csv_path, md_path, args.dataset, metadata)
+        return
+    torch.set_float32_matmul_precision("high")
+    done = {(run["row"], run["method"], run["seed"]) for run in read_table(csv_path)}
+    for seed in args.seeds:
+        for row in (row for row in ROWS if row.name in args.rows):
+            for method in args.methods:
+                if (row.name, method, str(seed)) in done:
+                    continue
+                L.seed_everything(seed, verbose=False)
+                datamodule = NoisyLabelDataModule(
+                    dataset=args.dataset,
+                    noise_type=row.noise_type,
+                    noise_rate=row.noise_rate,
+                    seed=seed,
+                    batch_size=RECIPE["batch_size"],
+                )
+                datamodule.setup("fit")
+                result = run(method, datamodule)
+                record = {
+                    "dataset": args.dataset,
+                    "row": row.name,
+                    "noise_type": row.noise_type,
+                    "noise_rate": row.noise_rate,
+                    "method": method,
+                    "seed": seed,
+                    "flip_rate": datamodule.corruption.flip_rate,
+                    "recipe_json": json.dumps(RECIPE),
+                    **result,
+                    **measured_by,
+                }
+                append_row(csv_path, COLUMNS, record, "move it away or pass another --out")
+                theta = "" if math.isnan(result["theta_error"]) else f" | theta err {result['theta_error']:.3f}"
+                print(
+                    f"{row.name:>16} | {method:>14} | seed {seed} | test {result['test_acc']:.4f}{theta} | "
+                    f"{result['fit_seconds']:.0f} s",
+                    flush=True,
+                )
+                write_markdown(csv_path, md_path, args.dataset, metadata)
+    write_markdown(csv_path, md_path, args.dataset, metadata)
+    print(f"wrote {csv_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The mathematics of the other standard methods for noisy labels, as pure functions on tensors.
+
+Conventions as in :mod:`noisy_lightning.em`: ``T[i, j] = P(z = j | y = i)`` (rows = true class ``y``, columns =
+given label ``z``), ``p(y | x)`` is the network's softmax.
+
+Losses (per sample; the layers of :mod:`noisy_lightning.noise_layer` average them):
+
+- forward correction (Patrini et al., CVPR 2017, eq. 6): ``-log sum_i p(i | x) T[i, z]``, the cross-entropy of the
+  given label under the network's prediction pushed through ``T`` (:func:`forward_corrected_nll`). With a learned
+  ``T = softmax(B)`` this is also the loss of the noise adaptation layer's *simple* model (Goldberger &
+  Ben-Reuven, ICLR 2017).
+- backward correction (Patrini et al., eq. 5): ``sum_j (T^-1)[z, j] * (-log p(j | x))``, an unbiased estimate of the
+  clean cross-entropy (:func:`backward_corrected_ce`); it can be negative, and is unstable when ``T`` is near
+  singular.
+- generalised cross-entropy (Zhang & Sabuncu, NeurIPS 2018, eq. 6): ``(1 - p(z | x)^q) / q``, between the
+  cross-entropy (``q -> 0``) and the mean absolute error (``q = 1``) (:func:`generalized_cross_entropy`).
+
+Estimators of ``T`` from ``p(z | x)`` of a network trained on the given labels:
+
+- anchor points (Patrini et al., Algorithm 1 with the robust high-percentile choice of their experiments):
+  for each class ``i`` the anchor ``x^i`` is the sample whose ``p(i | x)`` is at the ``percentile``-th percentile of
+  the column, and ``T[i, :] = p(. | x^i)`` (:func:`anchor_noise_matrix`).
+- the confusion matrix (the noise adaptation layer's initialisation) is :func:`noisy_lightning.em.initial_noise_matrix`.
+
+Co-teaching (Han et al., NeurIPS 2018, Algorithm 1): each of two networks keeps the ``1 - R(e)`` fraction of the batch
+with the smallest loss under it, and the *other* network learns from those samples; the forget rate grows as
+``R(e) = forget_rate * min(e^c / T_k, 1)`` (:func:`coteaching_forget_rate`, :func:`small_loss_selection`). When the
+noise rate is unknown it is estimated as the share of wrong labels under an estimated ``T``
+(:func:`noise_rate_of`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from noisy_lightning.checks import check_float, check_int
+
+
+def forward_corrected_nll(logits: Tensor, noise_matrix: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample ``-log sum_i p(i | x) T[i, z]``, in log space (float32 or wider).
+
+    Args:
+        logits: ``[B, K]`` network outputs.
+        noise_matrix: ``[K, K]`` row-stochastic ``T`` (it may carry gradients, as the noise adaptation layer's does).
+        labels: ``[B]`` given labels ``z``.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    log_noise = noise_matrix.float().clamp_min(1e-12).log()
+    return -(log_probs + log_noise.t()[labels]).logsumexp(dim=1)
+
+
+def backward_corrected_ce(logits: Tensor, noise_matrix: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample ``sum_j (T^-1)[z, j] * (-log p(j | x))``.
+
+    ``E_z[loss | y] = -log p(y | x)`` for ``z ~ T[y, :]``: the expected corrected loss is the clean loss. ``T`` must be
+    invertible; its inverse has negative entries, so single losses can be negative.
+    """
+    inverse = torch.linalg.inv(noise_matrix.double()).float()
+    negative_log_probs = -F.log_softmax(logits.float(), dim=1)
+    return (inverse[labels] * negative_log_probs).sum(dim=1)
+
+
+def generalized_cross_entropy(logits: Tensor, labels: Tensor, q: float = 0.7) -> Tensor:
+    """Per-sample ``(1 - p(z | x)^q) / q`` for ``q`` in ``(0, 1]`` (the paper's experiments use ``q = 0.7``)."""
+    log_given = F.log_softmax(logits.float(), dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
+    return (1.0 - torch.exp(q * log_given)) / q
+
+
+def anchor_noise_matrix(class_probs: Tensor, percentile: float = 97.0) -> Tensor:
+    """Patrini et al.'s anchor-point estimate of ``T`` from ``p(z | x)`` of a network trained on the given labels.
+
+    For each class ``i``: among the samples, take the one whose ``p(z = i | x)`` is the largest below the
+    ``percentile``-th percentile of that column (``percentile=100``: the plain argmax, the paper's Theorem 3;
+    below 100 it ignores the most over-confident outliers, as the paper's experiments do with 97), and set
+    ``T[i, :] = p(z = . | x^i)``. At an anchor of class ``i`` (``p(y = i | x) = 1``) this row is exactly
+    ``T[i, :]``. Rows are renormalised to sum to 1.
+
+    Args:
+        class_probs: ``[N, K]`` rows of ``p(z | x)``, each summing to 1.
+        percentile: in ``(0, 100]``.
+
+    Returns:
+        ``[K, K]`` float64 row-stochastic matrix.
+    """
+    check_float("percentile", percentile, 0, 100, open_minimum=True)
+    probs = class_probs.double()
+    num_classes = probs.shape[1]
+    rows = []
+    for i in range(num_classes):
+        column = probs[:, i]
+        if percentile < 100:
+            threshold = torch.quantile(column, percentile / 100.0, interpolation="higher")
+            # The paper's filter: drop the samples at or above the percentile, then take the largest left.
+            below = column < threshold
+            column = torch.where(below, column, torch.full_like(column, -1.0)) if below.any() else column
+        rows.append(probs[column.argmax()])
+    matrix = torch.stack(rows)
+    return matrix / matrix.sum(dim=1, keepdim=True)
+
+
+def noise_rate_of(noise_matrix: Tensor, noisy_label_frequencies: Tensor) -> float:
+    """The share of wrong labels implied by ``T`` and the frequencies of the given labels.
+
+    The true class prior solves ``P(z) = P(y)^T T``; it is solved by least squares, clipped at 0 and renormalised,
+    and the rate is ``sum_i P(y = i) (1 - T[i, i])``.
+    """
+    matrix = noise_matrix.double()
+    given = noisy_label_frequencies.double() / noisy_label_frequencies.double().sum()
+    prior = torch.linalg.lstsq(matrix.t(), given.unsqueeze(1)).solution.squeeze(1).clamp_min(0)
+    prior = prior / prior.sum() if prior.sum() > 0 else torch.full_like(given, 1.0 / len(given))
+    return float((prior * (1 - matrix.diagonal())).sum().clamp(0, 1))
+
+
+def coteaching_forget_rate(epoch: int, forget_rate: float, num_gradual: int = 10, exponent: float = 1.0) -> float:
+    """``R(epoch) = forget_rate * min((epoch / num_gradual)^exponent, 1)`` for the 0-based ``epoch``.
+
+    The paper writes ``R(T) = tau * min(T^c / T_k, 1)`` with ``T_k = 10`` and ``c = 1`` and its code starts the ramp
+    at 0 in the first epoch; this is that ramp, with ``num_gradual`` = ``T_k``.
+    """
+    check_int("num_gradual", num_gradual, 1)
+    return forget_rate * min((epoch / num_gradual) ** exponent, 1.0)
+
+
+def small_loss_mask(losses: Tensor, forget_rate: float, all_losses: Tensor | None = None) -> tuple[Tensor, int]:
+    """Which samples are among the ``floor((1 - forget_rate) * N)`` (at least one) with the smallest loss.
+
+    ``all_losses`` are the losses of the whole global batch when it is split over processes (every rank's
+    ``losses``, gathered); the selection is then made over the global batch, as one process would make it.
+    Returns the mask over ``losses`` and the number kept over the global batch. Ties at the threshold are all kept.
+    """
+    pooled = (losses if all_losses is None else all_losses).detach().flatten()
+    keep = max(1, int((1.0 - forget_rate) * pooled.numel()))
+    threshold = torch.kthvalue(pooled.float(), keep).values
+    return losses.detach() <= threshold, keep
+
+
+def coteaching_losses(
+    logits_first: Tensor,
+    logits_second: Tensor,
+    labels: Tensor,
+    forget_rate: float,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Co-teaching's exchange: each network's mean cross-entropy on the small-loss samples of the *other* one.
+
+    ``gather`` (under data parallelism) returns the per-sample losses of all ``W`` ranks, ``[W, B]``; each rank's
+    loss is then scaled so that the average of the ranks' gradients, as DDP takes it, is the gradient of the
+    mean over the samples kept from the global batch.
+    """
+    loss_first = F.cross_entropy(logits_first.float(), labels, reduction="none")
+    loss_second = F.cross_entropy(logits_second.float(), labels, reduction="none")
+    all_first = all_second = None
+    world_size = 1
+    if gather is not None:
+        all_first, all_second = gather(loss_first.detach()), gather(loss_second.detach())
+        world_size = all_first.shape[0] if all_first.ndim > 1 else 1
+    kept_by_first, keep_first = small_loss_mask(loss_first, forget_rate, all_first)
+    kept_by_second, keep_second = small_loss_mask(loss_second, forget_rate, all_second)
+    first = (loss_first * kept_by_second).sum() * world_size / keep_second
+    second = (loss_second * kept_by_first).sum() * world_size / keep_first
+    return first, second
