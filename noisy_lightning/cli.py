@@ -167,6 +167,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return NoisyLabelCLI(
         NoisyLabelClassifier,
         NoisyLabelDataModule,
+        # Any subclass, e.g. --model noisy_lightning.CoTeachingClassifier; a config without a class_path gets
+        # NoisyLabelClassifier.
+        subclass_mode_model=True,
         seed_everything_default=0,
         parser_class=ShortErrorParser,
         save_config_callback=SaveFitConfig,

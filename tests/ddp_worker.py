@@ -18,7 +18,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import FrozenClassifier, quiet_trainer
 
-from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning import (
+    MLP,
+    CoTeachingClassifier,
+    EMNoiseEstimation,
+    NoiseMatrixEstimation,
+    NoisyLabelClassifier,
+    NoisyLabelDataModule,
+)
 
 
 class CountValidationSamples(L.Callback):
@@ -39,9 +46,13 @@ def main() -> None:
     parser.add_argument("--initialisation", default="hard_confusion")
     parser.add_argument("--out", required=True)
     parser.add_argument("--train", action="store_true", help="really train, with the global batch size fixed")
+    parser.add_argument("--method", default="em", choices=("em", "forward", "nal", "coteaching"))
     args = parser.parse_args()
     if args.train:
         train(args)
+        return
+    if args.method != "em":
+        estimate_once(args)
         return
 
     L.seed_everything(0)
@@ -76,24 +87,51 @@ def main() -> None:
     torch.save(result, f"{args.out}.rank{trainer.global_rank}")
 
 
+def estimate_once(args: argparse.Namespace) -> None:
+    """NoiseMatrixEstimation with frozen weights: the estimate must not depend on the number of processes."""
+    L.seed_everything(0)
+    datamodule = NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.45, val_fraction=0.10025, batch_size=128)
+    model = FrozenClassifier(method=args.method)
+    trainer = quiet_trainer(
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=2,
+        callbacks=[NoiseMatrixEstimation(warmup_epochs=1)],
+    )
+    trainer.fit(model, datamodule)
+    torch.save({"noise_matrix": model.noise_matrix.cpu()}, f"{args.out}.rank{trainer.global_rank}")
+
+
+def make_trained_model(args: argparse.Namespace) -> tuple[L.LightningModule, list[L.Callback]]:
+    # No dropout and no shifts: their draws are seeded per rank, so they would differ between 1 and 2 processes.
+    net = MLP(hidden_sizes=[64], dropout=0.0)
+    if args.method == "coteaching":
+        return CoTeachingClassifier(net=net, lr=2e-3, augment_shift=0, num_gradual=2), []
+    if args.method == "nal":
+        return NoisyLabelClassifier(method="nal", net=net, lr=2e-3, augment_shift=0), [
+            NoiseMatrixEstimation(warmup_epochs=1)
+        ]
+    model = NoisyLabelClassifier(method="em", net=net, lr=2e-3, augment_shift=0)
+    return model, [EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, hold_initial_rounds=1)]
+
+
 def train(args: argparse.Namespace) -> None:
     """EM training with a global batch of 128 split over the ranks: 3600 training samples, so no padding."""
     L.seed_everything(0)
     datamodule = NoisyLabelDataModule(
         noise_type="pair_flip", noise_rate=0.3, val_fraction=0.1, batch_size=128 // args.devices
     )
-    # No dropout and no shifts: their draws are seeded per rank, so they would differ between 1 and 2 processes.
-    model = NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[64], dropout=0.0), lr=2e-3, augment_shift=0)
-    callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, hold_initial_rounds=1)
+    model, callbacks = make_trained_model(args)
     trainer = quiet_trainer(
-        devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_epochs=4, callbacks=[callback]
+        devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_epochs=4, callbacks=callbacks
     )
     trainer.fit(model, datamodule)
     fit_metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
     test_accuracy = trainer.test(model, datamodule, verbose=False)[0]["test/acc"]
+    history = callbacks[0].noise_matrix_history if args.method == "em" else [model.noise_matrix.cpu()]
     result = {
         "noisy_labels": datamodule.pool.given_labels,
-        "history": callback.noise_matrix_history,
+        "history": history,
         "fit_metrics": fit_metrics,
         "test_acc": test_accuracy,
     }

@@ -376,3 +376,81 @@ def test_variants_table_selects_between_variants_by_noisy_validation_accuracy(tm
     assert selected.startswith(f"| {name} | permutation 0.46 | 2 | 98.25 ± 0.35 | 98.00 |")
     # A selection's fit time counts every candidate's fit: seed 0 took 7.0 + 7.0 s, seed 1 7.1 + 7.1 s.
     assert selected.endswith("| 14 ± 0 |")
+
+
+# ---- compare.py and method_cost.py ------------------------------------------------------------------------------
+class _FakeData:
+    """Stands in for a DataModule in compare.main: a flip rate, and nothing to load."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.corruption = type("Corruption", (), {"flip_rate": 0.5})()
+
+    def setup(self, stage: str) -> None:
+        pass
+
+
+def test_compare_resumes_and_tabulates_what_the_runs_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compare = _load("compare")
+    calls: list[str] = []
+
+    def fake_run(method: str, datamodule: object) -> dict[str, float]:
+        calls.append(method)
+        seed = len([call for call in calls if call == method]) - 1
+        return {
+            "test_acc": {"ce": 0.90, "em": 0.97, "gce": 0.95}[method] + 0.01 * seed,
+            "val_acc_noisy": 0.5,
+            "theta_error": 0.02 if method == "em" else float("nan"),
+            "issue_precision": float("nan"),
+            "issue_recall": float("nan"),
+            "fits": 1,
+            "fit_seconds": {"ce": 10.0, "em": 15.0, "gce": 12.0}[method],
+        }
+
+    monkeypatch.setattr(compare, "NoisyLabelDataModule", _FakeData)
+    out = tmp_path / "compare_test"
+    argv = ["compare.py", "--rows", "pair-flip 45%", "--seeds", "0", "1", "--methods", "ce", "em", "gce"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    compare.main(run=fake_run)
+    assert len(calls) == 6
+    compare.main(run=fake_run)  # everything is in the CSV already: nothing runs again
+    assert len(calls) == 6
+    runs = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [(run["method"], run["seed"]) for run in runs] == [
+        ("ce", "0"),
+        ("em", "0"),
+        ("gce", "0"),
+        ("ce", "1"),
+        ("em", "1"),
+        ("gce", "1"),
+    ]
+    table = out.with_suffix(".md").read_text()
+    assert "| pair-flip 45% | 2 | 90.50 ± 0.71 (worst 90.00) | 97.50 ± 0.71 (worst 97.00) |" in table
+    assert "| pair-flip 45% | 1.00 | 1.50 | 1.20 |" in table  # wall time against CE
+    assert "| pair-flip 45% | 0.020 |" in table  # theta error, only for the methods that estimate it
+
+
+def test_compare_runs_each_method_with_the_library_defaults() -> None:
+    compare = _load("compare")
+    default = NoisyLabelClassifier(method="em").hparams
+    for method in ("ce", "em", "forward", "backward", "nal", "gce"):
+        model, callbacks = compare.make_model(method)
+        assert callbacks == []  # the method adds its own estimator, with its defaults
+        for key in ("lr", "lr_scheduler", "augment_shift", "em_targets", "optimizer", "weight_decay"):
+            assert model.hparams[key] == default[key], (method, key)
+        assert model.net.init_args == MLP().init_args
+    _, (estimation,) = compare.make_model("forward_oracle")
+    assert estimation.estimator == "true"
+
+
+def test_method_cost_writes_a_ratio_to_cross_entropy(tmp_path: Path) -> None:
+    out = tmp_path / "cost"
+    command = [sys.executable, str(BENCHMARKS / "method_cost.py"), "--dataset", "mnist_sample", "--epochs", "1"]
+    command += ["--rounds", "1", "--methods", "ce", "gce", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [row["method"] for row in rows] == ["ce", "gce"]
+    assert float(rows[0]["ratio_to_ce"]) == 1.0
+    gce = rows[1]
+    ratio = float(gce["median_fit_seconds"]) / float(rows[0]["median_fit_seconds"])
+    assert float(gce["ratio_to_ce"]) == pytest.approx(ratio)

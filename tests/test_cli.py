@@ -23,9 +23,11 @@ def test_print_config_shows_every_section(tmp_path: Path) -> None:
     result = cli("fit", "--config", str(QUICKSTART), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     config = yaml.safe_load(result.stdout)
-    assert config["model"]["method"] == "em"
+    # a config without a class_path gets NoisyLabelClassifier (the CLI takes any subclass of it)
+    assert config["model"]["class_path"] == "noisy_lightning.NoisyLabelClassifier"
+    assert config["model"]["init_args"]["method"] == "em"
     assert config["data"]["dataset"] == "mnist_sample"
-    assert config["model"]["net"] is None  # the default network, MLP 784-500-300-10 with dropout 0.5
+    assert config["model"]["init_args"]["net"] is None  # the default network, MLP 784-500-300-10, dropout 0.5
 
 
 @pytest.mark.slow
@@ -138,8 +140,22 @@ def test_a_bad_value_is_a_few_lines_naming_the_parameter(tmp_path: Path, overrid
 def test_fit_help_lists_the_optimizer_once(tmp_path: Path) -> None:
     result = cli("fit", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    assert "--model.optimizer" in result.stdout and "\n  --optimizer" not in result.stdout
+    # no top-level optimizer or scheduler: the model's own arguments are the only ones
     assert "  --optimizer " not in result.stdout and "  --lr_scheduler " not in result.stdout
+    assert "--model CONFIG | CLASS_PATH_OR_NAME" in result.stdout
+    model_help = cli("fit", "--model.help", "NoisyLabelClassifier", cwd=tmp_path)
+    assert model_help.returncode == 0
+    assert "--model.optimizer {adam,adamw,sgd}" in model_help.stdout
+    assert "--model.method {ce,em,forward,backward,nal,gce}" in model_help.stdout
+
+
+def test_coteaching_is_chosen_by_its_class_path(tmp_path: Path) -> None:
+    config = ROOT / "configs" / "mnist_coteaching.yaml"
+    result = cli("fit", "--config", str(config), "--model.forget_rate", "0.3", "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = yaml.safe_load(result.stdout)["model"]
+    assert printed["class_path"] == "noisy_lightning.CoTeachingClassifier"
+    assert printed["init_args"]["forget_rate"] == 0.3
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

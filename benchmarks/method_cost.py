@@ -1,0 +1,119 @@
+"""What each method costs against cross-entropy: fits of the same length, interleaved in one process.
+
+    NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/method_cost.py
+    python benchmarks/method_cost.py --dataset mnist_sample --epochs 3 --rounds 2     # a quick run on the sample
+
+Every method fits ``--epochs`` epochs of the shared recipe of ``benchmarks/compare.py`` (784-500-300-10 MLP, dropout
+0.5, 2-pixel shifts, Adam, batch 256) with its noise matrix estimated after the first epoch (EM: a round at the end
+of every epoch from then on), so that all but one epoch run each method's own loss. The methods take turns, round
+after round, so that the machine's noise hits all alike; the table gives each method's median fit time over the
+rounds and its ratio to the median cross-entropy fit. Validation, logging and checkpoints are off, so a fit is
+training plus the method's own passes over the data. Results go to ``benchmarks/results/method_cost.md`` and
+``.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    QUIET_TRAINER,
+    RESULTS,
+    command_line,
+    commit,
+    machine,
+    metadata_line,
+    write_table,
+    write_text,
+)
+
+from noisy_lightning import (
+    MLP,
+    CoTeachingClassifier,
+    EMNoiseEstimation,
+    NoiseMatrixEstimation,
+    NoisyLabelClassifier,
+    NoisyLabelDataModule,
+)
+
+METHODS = ("ce", "em", "forward", "backward", "nal", "gce", "coteaching")
+
+
+def make(method: str) -> tuple[L.LightningModule, list[L.Callback]]:
+    net = MLP(hidden_sizes=[500, 300], dropout=0.5)
+    if method == "coteaching":
+        return CoTeachingClassifier(net=net), [NoiseMatrixEstimation(estimator="anchor", warmup_epochs=1)]
+    model = NoisyLabelClassifier(net=net, method=method)
+    if method == "em":
+        return model, [EMNoiseEstimation(warmup_epochs=1)]
+    if method in ("forward", "backward", "nal"):
+        return model, [NoiseMatrixEstimation(warmup_epochs=1)]
+    return model, []
+
+
+def time_fit(method: str, datamodule: NoisyLabelDataModule, epochs: int) -> float:
+    model, callbacks = make(method)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=callbacks, limit_val_batches=0, **QUIET_TRAINER)
+    started = time.perf_counter()
+    trainer.fit(model, datamodule)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "method_cost")
+    args = parser.parse_args()
+    if "ce" not in args.methods:
+        parser.error("--methods must include ce, the reference of the ratios")
+    at_commit, on_machine, command = commit(), machine(), command_line()
+    torch.set_float32_matmul_precision("high")
+    datamodule = NoisyLabelDataModule(dataset=args.dataset, noise_type="symmetric", noise_rate=0.5, batch_size=256)
+    time_fit("ce", datamodule, 1)  # not measured: loads the data and warms up the allocator and the kernels
+    times: dict[str, list[float]] = {method: [] for method in args.methods}
+    for round_index in range(args.rounds):
+        for method in args.methods:
+            L.seed_everything(round_index, verbose=False)
+            times[method].append(time_fit(method, datamodule, args.epochs))
+            print(f"round {round_index} | {method:>10} | {times[method][-1]:.1f} s", flush=True)
+    reference = statistics.median(times["ce"])
+    rows = [
+        {
+            "method": method,
+            "median_fit_seconds": statistics.median(times[method]),
+            "ratio_to_ce": statistics.median(times[method]) / reference,
+            "fit_seconds": " ".join(f"{value:.2f}" for value in times[method]),
+        }
+        for method in args.methods
+    ]
+    columns = ["method", "median_fit_seconds", "ratio_to_ce", "fit_seconds"]
+    write_table(args.out.with_suffix(".csv"), columns, rows)
+    lines = [
+        f"# Cost of each method against cross-entropy ({args.dataset})",
+        "",
+        metadata_line(command, at_commit, on_machine),
+        "",
+        f"Fits of {args.epochs} epochs (noise matrix estimated after the first), median over {args.rounds} "
+        "interleaved rounds; the ratio is to the median cross-entropy fit of the same run.",
+        "",
+        "| method | median fit (s) | ratio to CE |",
+        "|---|---|---|",
+        *(f"| {row['method']} | {row['median_fit_seconds']:.1f} | {row['ratio_to_ce']:.2f} |" for row in rows),
+    ]
+    write_text(args.out.with_suffix(".md"), lines)
+    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
