@@ -66,6 +66,7 @@ class Row:
     name: str
     noise_type: str
     noise_rate: float
+    transition_matrix: tuple[tuple[float, ...], ...] | None = None  # for noise_type="custom"
 
 
 # The rows of the README's results table.
@@ -77,6 +78,19 @@ ROWS = (
     Row("symmetric 20%", "symmetric", 0.2),
     Row("symmetric 80%", "symmetric", 0.8),
 )
+# One matrix of each drawn family of benchmarks/noise_suite.py (its first); --rows suite asks for them.
+SUITE_FAMILIES = ("dense", "sparse", "column_dominant")
+
+
+def suite_rows() -> tuple[Row, ...]:
+    import noise_suite
+
+    rows = []
+    for family in SUITE_FAMILIES:
+        entry = noise_suite.suite("mnist", [family])[0]
+        rows.append(Row(entry.name, "custom", 0.0, tuple(map(tuple, entry.matrix.tolist()))))
+    return tuple(rows)
+
 
 # The shared recipe: the library's defaults.
 RECIPE = {"epochs": 30, "batch_size": 256, "lr": 1e-3, "hidden_sizes": [500, 300], "dropout": 0.5, "augment_shift": 2}
@@ -230,7 +244,7 @@ def mean_cell(runs: Sequence[Mapping[str, str]], key: str, digits: int = 3, scal
 def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -> None:
     runs = read_table(csv_path)
     methods = [method for method in METHODS if any(run["method"] == method for run in runs)]
-    rows = [row.name for row in ROWS if any(run["row"] == row.name for run in runs)]
+    rows = list(dict.fromkeys(run["row"] for run in runs))
 
     def of(row: str, method: str) -> list[dict[str, str]]:
         return [run for run in runs if run["row"] == row and run["method"] == method]
@@ -300,12 +314,19 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rows", nargs="+", default=[row.name for row in ROWS], metavar="ROW")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=[row.name for row in ROWS],
+        metavar="ROW",
+        help="rows of the results table by name; 'suite' adds the first matrix of each drawn family of the noise suite",
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=None, help="results stem (default results/compare_<dataset>)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the CSV and stop")
     args = parser.parse_args()
-    unknown = set(args.rows) - {row.name for row in ROWS}
+    known = {row.name for row in ROWS} | {"suite"}
+    unknown = set(args.rows) - known
     if unknown:
         parser.error(f"--rows: unknown row(s) {sorted(unknown)}; known: {[row.name for row in ROWS]}")
     return args
@@ -323,7 +344,9 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
     torch.set_float32_matmul_precision("high")
     done = {(run["row"], run["method"], run["seed"]) for run in read_table(csv_path)}
     for seed in args.seeds:
-        for row in (row for row in ROWS if row.name in args.rows):
+        chosen = [row for row in ROWS if row.name in args.rows]
+        chosen += list(suite_rows()) if "suite" in args.rows else []
+        for row in chosen:
             for method in args.methods:
                 if (row.name, method, str(seed)) in done:
                     continue
@@ -332,6 +355,7 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
                     dataset=args.dataset,
                     noise_type=row.noise_type,
                     noise_rate=row.noise_rate,
+                    transition_matrix=row.transition_matrix,
                     seed=seed,
                     batch_size=RECIPE["batch_size"],
                 )

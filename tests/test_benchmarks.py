@@ -442,6 +442,7 @@ def test_compare_runs_each_method_with_the_library_defaults() -> None:
     assert estimation.estimator == "true"
 
 
+@pytest.mark.slow
 def test_method_cost_writes_a_ratio_to_cross_entropy(tmp_path: Path) -> None:
     out = tmp_path / "cost"
     command = [sys.executable, str(BENCHMARKS / "method_cost.py"), "--dataset", "mnist_sample", "--epochs", "1"]
@@ -454,3 +455,63 @@ def test_method_cost_writes_a_ratio_to_cross_entropy(tmp_path: Path) -> None:
     gce = rows[1]
     ratio = float(gce["median_fit_seconds"]) / float(rows[0]["median_fit_seconds"])
     assert float(gce["ratio_to_ce"]) == pytest.approx(ratio)
+
+
+def test_noise_suite_matrices_are_what_their_families_say() -> None:
+    noise_suite = _load("noise_suite")
+    families = [family for family in noise_suite.FAMILIES if family != "column_dominant"]
+    mnist = noise_suite.suite("mnist", families)
+    assert len(mnist) == 20 and len(noise_suite.suite("fashion_mnist", families)) == 9
+    for entry in mnist:
+        assert entry.matrix.shape == (10, 10) and (entry.matrix >= 0).all()
+        assert abs(entry.matrix.sum(axis=1) - 1).max() < 1e-12, entry.name
+    dense = [entry for entry in mnist if entry.family == "dense"]
+    diagonals = [float(entry.matrix.diagonal().mean()) for entry in dense]
+    assert diagonals[0] == pytest.approx(0.55) and diagonals[-1] == pytest.approx(0.8)
+    assert all((entry.matrix > 0).all() for entry in dense)  # dense: every entry is used
+    for entry in (entry for entry in mnist if entry.family == "sparse"):
+        noisy_rows = [row for row in range(10) if entry.matrix[row, row] < 1]
+        assert 2 <= len(noisy_rows) <= 5
+        assert all(0.30 - 1e-9 <= 1 - entry.matrix[row, row] <= 0.45 + 1e-9 for row in noisy_rows)
+        assert all((entry.matrix[row] > 0).sum() == 2 for row in noisy_rows)
+    # drawn from fixed seeds: the same suite every time
+    again = noise_suite.suite("mnist", families)
+    assert all((first.matrix == second.matrix).all() for first, second in zip(mnist, again, strict=True))
+
+
+def test_noise_suite_column_dominant_matrices_keep_the_given_label_the_most_likely() -> None:
+    pytest.importorskip("cleanlab", reason="the column_dominant family is drawn by cleanlab (the bench extra)")
+    noise_suite = _load("noise_suite")
+    entries = noise_suite.suite("mnist", ["column_dominant"])
+    assert len(entries) == 4
+    for entry in entries:
+        assert not entry.diagonally_dominant  # some row's diagonal is under an off-diagonal entry
+        joint = entry.matrix / 10  # uniform prior: P(true = i, given = j)
+        assert (joint.argmax(axis=0) == range(10)).all()  # P(true = j | given = j) is the largest
+
+
+def test_noise_suite_resumes_and_reports_the_misses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    noise_suite = _load("noise_suite")
+    calls: list[tuple[str, str]] = []
+
+    def fake_fit(dataset: str, entry: object, method: str, seed: int) -> dict[str, object]:
+        calls.append((entry.name, method))
+        accuracy = {"ce": 0.97, "em": 0.96 if "d=0.550" in entry.name else 0.98}[method]
+        return {
+            "test_acc": accuracy,
+            "val_acc_noisy": 0.5,
+            "fit_seconds": 1.0,
+            "flip_rate": 0.4,
+            "theta_error": 0.01 if method == "em" else float("nan"),
+            "label_recovery": 0.99 if method == "em" else float("nan"),
+        }
+
+    out = tmp_path / "suite"
+    monkeypatch.setattr(sys, "argv", ["noise_suite.py", "--families", "dense", "--out", str(out)])
+    noise_suite.main(fit=fake_fit)
+    noise_suite.main(fit=fake_fit)
+    assert len(calls) == 16  # 8 dense matrices x 2 methods, none twice
+    table = out.with_suffix(".md").read_text()
+    assert "| dense | dense d=0.550 #0 | 0.550 | yes | 40.0 | 97.00 | 96.00 | -1.00 | 0.010 | 99.00 |" in table
+    assert "above 0.05: dense d=0.550 #0." in table
+    assert "Median theta error over the 8 matrices with an EM fit: 0.010" in table

@@ -192,6 +192,7 @@ def test_bad_arguments_name_the_parameter(build, message: str) -> None:
         build()
 
 
+@pytest.mark.slow
 def test_the_true_noise_matrix_needs_data_that_knows_it() -> None:
     images, labels = torch.rand(200, 8, 8), torch.randint(0, 3, (200,))
     data = NoisyLabelDataModule.from_tensors(images, labels, num_classes=3)
@@ -206,6 +207,7 @@ def sample_data() -> NoisyLabelDataModule:
     return NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.45, batch_size=128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["forward", "backward", "nal"])
 def test_correction_methods_get_their_estimate_at_the_end_of_the_warm_up(method: str) -> None:
     L.seed_everything(0)
@@ -236,6 +238,7 @@ def test_correction_methods_get_their_estimate_at_the_end_of_the_warm_up(method:
     assert trainer.test(model, data, verbose=False)[0]["test/acc"] > 0.3  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_methods_add_their_estimator_and_the_oracle_uses_the_truth() -> None:
     L.seed_everything(0)
     data = sample_data()
@@ -249,6 +252,7 @@ def test_methods_add_their_estimator_and_the_oracle_uses_the_truth() -> None:
     torch.testing.assert_close(oracle.noise_matrix.double(), data.true_transition_matrix.double(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_gce_fits_without_a_noise_matrix() -> None:
     L.seed_everything(0)
     data = sample_data()
@@ -260,6 +264,7 @@ def test_gce_fits_without_a_noise_matrix() -> None:
     assert trainer.test(model, data, verbose=False)[0]["test/acc"] > 0.5
 
 
+@pytest.mark.slow
 def test_coteaching_estimates_its_forget_rate_and_trains_two_different_networks() -> None:
     L.seed_everything(0)
     data = sample_data()
@@ -279,6 +284,7 @@ def test_coteaching_estimates_its_forget_rate_and_trains_two_different_networks(
     assert given.final_forget_rate() == 0.45 and given.configure_callbacks() == []
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_keeps_the_estimated_theta(tmp_path: Path) -> None:
     L.seed_everything(0)
     data = sample_data()
