@@ -177,8 +177,42 @@ def run_method(method: str, datamodule: NoisyLabelDataModule) -> dict[str, float
     return result
 
 
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Each sample's fold, ``0..folds-1``, with every class spread evenly over the folds (as ``StratifiedKFold``)."""
+    generator = torch.Generator().manual_seed(seed)
+    assignment = torch.empty_like(labels)
+    for label in labels.unique():
+        members = (labels == label).nonzero().squeeze(1)
+        shuffled = members[torch.randperm(len(members), generator=generator)]
+        assignment[shuffled] = torch.arange(len(members)) % folds
+    return assignment
+
+
+def fit_ce_on(images: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor, evaluate: torch.Tensor):
+    """A cross-entropy fit of the shared recipe on ``images`` (all of them: no validation split to speak of), and
+    the softmax of ``evaluate``, normalised as the fit's own images are."""
+    data = NoisyLabelDataModule.from_tensors(
+        images,
+        labels,
+        clean_labels=clean,
+        test_images=evaluate,
+        test_labels=torch.zeros(len(evaluate), dtype=torch.long),
+        num_classes=10,
+        val_fraction=10 / len(images),  # the DataModule needs a validation split; 10 samples cost nothing
+        batch_size=RECIPE["batch_size"],
+    )
+    model, callbacks = make_model("ce")
+    seconds = fit(model, data, callbacks)
+    return torch.softmax(model.logits_of(data.test_images), dim=1), seconds
+
+
 def run_cleanlearning(datamodule: NoisyLabelDataModule) -> dict[str, float]:
-    """cleanlab's CleanLearning with this library's network and recipe, its steps done one by one."""
+    """cleanlab's ``CleanLearning`` with this library's network and recipe, its steps done one by one as
+    ``CleanLearning.fit`` does them with its defaults: stratified 5-fold out-of-fold ``pred_probs``,
+    ``estimate_py_and_noise_matrices_from_probabilities(converge_latent_estimates=False)``, then
+    ``filter.find_label_issues`` with that confident joint and ``min_examples_per_class=10``, then a fit on the
+    labels kept. (``CleanLearning`` also weights the final fit by ``1 / noise_matrix[k][k]`` per class when the
+    classifier's ``fit`` takes ``sample_weight``; a Lightning module's does not, so there is no weighting here.)"""
     from cleanlab.count import estimate_py_and_noise_matrices_from_probabilities
     from cleanlab.filter import find_label_issues as cleanlab_find_label_issues
 
@@ -186,34 +220,34 @@ def run_cleanlearning(datamodule: NoisyLabelDataModule) -> dict[str, float]:
     train = pool.train_indices
     images, given, clean = pool.images[train], pool.given_labels[train], pool.clean_labels[train]
     # As images, so that the folds' fits shift them like the other methods' (a flat [N, D] tensor is features).
-    as_images = (
-        images.view(-1, *pool.image_shape[1:]) if pool.image_shape[0] == 1 else images.view(-1, *pool.image_shape)
-    )
-    folds = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)) % CV_FOLDS
+    shape = pool.image_shape[1:] if pool.image_shape[0] == 1 else pool.image_shape
+    as_images = images.view(-1, *shape)
+    folds = stratified_folds(given, CV_FOLDS, datamodule.seed)
     pred_probs = torch.zeros(len(train), pool.num_classes)
     seconds = 0.0
     for fold in range(CV_FOLDS):
         held_out = folds == fold
-        fold_data = NoisyLabelDataModule.from_tensors(
-            as_images[~held_out], given[~held_out], clean_labels=clean[~held_out], batch_size=RECIPE["batch_size"]
+        probabilities, fold_seconds = fit_ce_on(
+            as_images[~held_out], given[~held_out], clean[~held_out], as_images[held_out]
         )
-        model, callbacks = make_model("ce")
-        seconds += fit(model, fold_data, callbacks)
-        pred_probs[held_out] = torch.softmax(model.logits_of(images[held_out]), dim=1)
+        pred_probs[held_out] = probabilities
+        seconds += fold_seconds
     labels, probs = given.numpy(), pred_probs.double().numpy()
-    flagged = torch.from_numpy(cleanlab_find_label_issues(labels, probs))
+    _, noise_matrix, _, confident_joint = estimate_py_and_noise_matrices_from_probabilities(
+        labels, probs, converge_latent_estimates=False
+    )
+    flagged = torch.from_numpy(
+        cleanlab_find_label_issues(labels, probs, confident_joint=confident_joint, min_examples_per_class=10)
+    )
     precision, recall = precision_recall(flagged, given != clean)
-    _, noise_matrix, _, _ = estimate_py_and_noise_matrices_from_probabilities(labels, probs)
     # cleanlab's noise_matrix[given, true] = P(given | true): the transpose of theta.
     theta = torch.from_numpy(noise_matrix).t()
-    kept = NoisyLabelDataModule.from_tensors(
-        as_images[~flagged], given[~flagged], clean_labels=clean[~flagged], batch_size=RECIPE["batch_size"]
-    )
-    model, callbacks = make_model("ce")
-    seconds += fit(model, kept, callbacks)
+    test_shape = datamodule.test_images.view(-1, *shape)
+    test_probabilities, final_seconds = fit_ce_on(as_images[~flagged], given[~flagged], clean[~flagged], test_shape)
+    seconds += final_seconds
     return {
-        "test_acc": test_accuracy(model, datamodule.test_images, datamodule.test_labels),
-        "val_acc_noisy": test_accuracy(model, pool.images[pool.val_indices], pool.given_labels[pool.val_indices]),
+        "test_acc": (test_probabilities.argmax(dim=1) == datamodule.test_labels).double().mean().item(),
+        "val_acc_noisy": float("nan"),  # its validation labels are not held out of the cross-validation
         "theta_error": noise_matrix_error(theta, datamodule.true_transition_matrix),
         "issue_precision": precision,
         "issue_recall": recall,

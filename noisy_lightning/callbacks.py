@@ -263,19 +263,29 @@ class NoiseMatrixEstimation(L.Callback):
         if stage != "fit":
             return
         layer = getattr(pl_module, "noise_layer", None)
-        self.active_estimator = self.estimator or getattr(layer, "noise_matrix_estimator", None)
-        if layer is None or getattr(layer, "estimated_by_em", False) or self.active_estimator is None:
+        own = getattr(layer, "noise_matrix_estimator", None)
+        if own is None:
+            # A layer without an estimator of its own (cross-entropy, GCE, EM, co-teaching with a given forget rate)
+            # does not use a theta set once; setting one would only change its val/nll_noisy and label issues.
             self.active_estimator = None
             rank_zero_warn(
                 f"NoiseMatrixEstimation is off for this fit: the model's method={getattr(pl_module, 'method', None)!r} "
-                "does not train with a fixed or initialised noise matrix"
+                "does not train with a noise matrix set once"
             )
             return
+        self.active_estimator = self.estimator or own
         data = require_noisy_label_data(trainer.datamodule, "NoiseMatrixEstimation")
         if self.active_estimator == "true" and not data.pool.knows_truth:
             raise ValueError(
                 "NoiseMatrixEstimation(estimator='true') needs data that knows its true transition matrix "
                 "(synthetic corruption); use estimator='anchor' for real noisy labels"
+            )
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if self.active_estimator != "true" and 0 <= max_epochs <= self.warmup_epochs:
+            rank_zero_warn(
+                f"NoiseMatrixEstimation(warmup_epochs={self.warmup_epochs}) sets the noise matrix at the end of "
+                f"epoch {self.warmup_epochs}, but Trainer(max_epochs={max_epochs}) stops there or before, "
+                "so this fit trains on the given labels only. Lower warmup_epochs or raise max_epochs."
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -301,8 +311,14 @@ class NoiseMatrixEstimation(L.Callback):
         else:
             pool = trainer.datamodule.pool
             given = pool.given_labels.to(scored.device)[scored]
+            em.check_log_probs(probabilities.log(), "the class probabilities")
             noise_matrix = em.initial_noise_matrix(probabilities.double(), given, pool.num_classes)
         layer.update(noise_matrix)
+        # A learned theta (the noise adaptation layer) had zero gradients until now, while Adam counted steps: its
+        # moments would start with no bias correction and a step several times the learning rate. Start them afresh.
+        for optimizer in trainer.optimizers:
+            for parameter in layer.parameters():
+                optimizer.state.pop(parameter, None)
 
 
 @torch.no_grad()

@@ -268,7 +268,9 @@ class NoisyLabelClassifier(L.LightningModule):
             base = self.step_seed_base if self.step_seed_base is not None else torch.initial_seed()
             reseed_for_step(base, self.current_epoch, batch_idx, self.global_rank, self.device)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step, so that any checkpoint holds the learned theta of a noise adaptation layer.
         self.noise_layer.refresh()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

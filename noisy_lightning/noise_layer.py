@@ -189,12 +189,40 @@ class ForwardCorrectionLayer(_CorrectedLayer):
 
 
 class BackwardCorrectionLayer(_CorrectedLayer):
-    """``method="backward"``: Patrini et al.'s backward correction, ``sum_j (theta^-1)[z, j] (-log p(j | x))``."""
+    """``method="backward"``: Patrini et al.'s backward correction, ``sum_j (theta^-1)[z, j] (-log p(j | x))``.
+
+    ``theta`` must be well conditioned: :meth:`update` refuses one whose condition number exceeds 1e6 (two classes
+    with the same anchor, for example), since its inverse would multiply the loss by huge weights.
+    """
 
     noise_matrix_estimator: ClassVar[str | None] = "anchor"
+    MAX_CONDITION_NUMBER: ClassVar[float] = 1e6
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes)
+        # theta^-1, kept rather than inverted every step; not saved (it is recomputed from theta on load).
+        self.register_buffer("inverse_noise_matrix", torch.eye(num_classes), persistent=False)
 
     def corrected_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return peers.backward_corrected_ce(logits, self.noise_matrix, labels)
+        return peers.backward_corrected_ce(logits, self.noise_matrix, labels, self.inverse_noise_matrix)
+
+    def update(self, noise_matrix: Tensor, posterior: Tensor | None = None, rows: Tensor | None = None) -> None:
+        condition = torch.linalg.cond(noise_matrix.detach().double().cpu()).item()
+        if not condition < self.MAX_CONDITION_NUMBER:
+            raise ValueError(
+                f"method='backward' needs an invertible noise matrix, but this estimate has condition number "
+                f"{condition:.3g}: its inverse would weight the loss by huge numbers. Use method='forward', which "
+                "needs no inverse."
+            )
+        super().update(noise_matrix)
+        self._invert()
+
+    def _invert(self) -> None:
+        self.inverse_noise_matrix.copy_(torch.linalg.inv(self.noise_matrix.double()).to(self.inverse_noise_matrix))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._invert()
 
 
 class NoiseAdaptationLayer(_CorrectedLayer):

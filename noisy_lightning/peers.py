@@ -22,15 +22,16 @@ Estimators of ``T`` from ``p(z | x)`` of a network trained on the given labels:
   the column, and ``T[i, :] = p(. | x^i)`` (:func:`anchor_noise_matrix`).
 - the confusion matrix (the noise adaptation layer's initialisation) is :func:`noisy_lightning.em.initial_noise_matrix`.
 
-Co-teaching (Han et al., NeurIPS 2018, Algorithm 1): each of two networks keeps the ``1 - R(e)`` fraction of the batch
-with the smallest loss under it, and the *other* network learns from those samples; the forget rate grows as
-``R(e) = forget_rate * min(e^c / T_k, 1)`` (:func:`coteaching_forget_rate`, :func:`small_loss_selection`). When the
-noise rate is unknown it is estimated as the share of wrong labels under an estimated ``T``
+Co-teaching (Han et al., NeurIPS 2018, Algorithm 1): each of two networks keeps the share of the batch with the
+smallest loss under it, and the *other* network learns from those samples; the share dropped ramps linearly from 0
+to ``forget_rate`` over the first ``T_k = 10`` epochs (:func:`coteaching_forget_rate`, :func:`small_loss_mask`).
+When the noise rate is unknown it is estimated as the share of wrong labels under an estimated ``T``
 (:func:`noise_rate_of`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from noisy_lightning.checks import check_float, check_int
+
+CLIP = 1e-7  # the probability clip of the backward-corrected loss (Patrini et al.'s code)
 
 
 def forward_corrected_nll(logits: Tensor, noise_matrix: Tensor, labels: Tensor) -> Tensor:
@@ -53,15 +56,22 @@ def forward_corrected_nll(logits: Tensor, noise_matrix: Tensor, labels: Tensor) 
     return -(log_probs + log_noise.t()[labels]).logsumexp(dim=1)
 
 
-def backward_corrected_ce(logits: Tensor, noise_matrix: Tensor, labels: Tensor) -> Tensor:
+def backward_corrected_ce(
+    logits: Tensor, noise_matrix: Tensor, labels: Tensor, inverse_noise_matrix: Tensor | None = None
+) -> Tensor:
     """Per-sample ``sum_j (T^-1)[z, j] * (-log p(j | x))``.
 
     ``E_z[loss | y] = -log p(y | x)`` for ``z ~ T[y, :]``: the expected corrected loss is the clean loss. ``T`` must be
-    invertible; its inverse has negative entries, so single losses can be negative.
+    invertible; its inverse has negative entries, so single losses can be negative. As in the paper's code, ``p`` is
+    clipped to ``[1e-7, 1 - 1e-7]``: without a floor, a negative weight would pay the network to drive ``p(j | x)`` to
+    0 and the loss to minus infinity.
+
+    Args:
+        inverse_noise_matrix: ``T^-1`` when the caller keeps it (it is computed from ``noise_matrix`` otherwise).
     """
-    inverse = torch.linalg.inv(noise_matrix.double()).float()
-    negative_log_probs = -F.log_softmax(logits.float(), dim=1)
-    return (inverse[labels] * negative_log_probs).sum(dim=1)
+    inverse = torch.linalg.inv(noise_matrix.double()).float() if inverse_noise_matrix is None else inverse_noise_matrix
+    log_probs = F.log_softmax(logits.float(), dim=1).clamp(math.log(CLIP), math.log1p(-CLIP))
+    return (inverse.float()[labels] * -log_probs).sum(dim=1)
 
 
 def generalized_cross_entropy(logits: Tensor, labels: Tensor, q: float = 0.7) -> Tensor:
@@ -88,12 +98,19 @@ def anchor_noise_matrix(class_probs: Tensor, percentile: float = 97.0) -> Tensor
     """
     check_float("percentile", percentile, 0, 100, open_minimum=True)
     probs = class_probs.double()
+    if not torch.isfinite(probs).all():
+        raise FloatingPointError(
+            "the class probabilities contain NaN or Inf: the network has diverged. "
+            "Lower the learning rate or use gradient clipping (Trainer(gradient_clip_val=...))."
+        )
     num_classes = probs.shape[1]
+    # torch.quantile(interpolation="higher") without its 16M-element limit: the ceil(q (n - 1))-th smallest (0-based).
+    rank = math.ceil(percentile / 100.0 * (probs.shape[0] - 1)) + 1
     rows = []
     for i in range(num_classes):
         column = probs[:, i]
         if percentile < 100:
-            threshold = torch.quantile(column, percentile / 100.0, interpolation="higher")
+            threshold = torch.kthvalue(column, rank).values
             # The paper's filter: drop the samples at or above the percentile, then take the largest left.
             below = column < threshold
             column = torch.where(below, column, torch.full_like(column, -1.0)) if below.any() else column
@@ -116,13 +133,17 @@ def noise_rate_of(noise_matrix: Tensor, noisy_label_frequencies: Tensor) -> floa
 
 
 def coteaching_forget_rate(epoch: int, forget_rate: float, num_gradual: int = 10, exponent: float = 1.0) -> float:
-    """``R(epoch) = forget_rate * min((epoch / num_gradual)^exponent, 1)`` for the 0-based ``epoch``.
+    """The share of each batch dropped in the 0-based ``epoch``: ``tau^c * epoch / (T_k - 1)`` for the first
+    ``T_k = num_gradual`` epochs, then ``tau = forget_rate``.
 
-    The paper writes ``R(T) = tau * min(T^c / T_k, 1)`` with ``T_k = 10`` and ``c = 1`` and its code starts the ramp
-    at 0 in the first epoch; this is that ramp, with ``num_gradual`` = ``T_k``.
+    The paper keeps ``R(T) = 1 - min(T^c tau / T_k, tau)`` of the batch in (1-based) epoch ``T``, with ``T_k = 10``
+    and ``c = 1``; its code ramps the dropped share linearly from 0 in the first epoch to ``tau^c`` in epoch ``T_k``
+    (``linspace(0, tau^c, T_k)``), which is this schedule.
     """
     check_int("num_gradual", num_gradual, 1)
-    return forget_rate * min((epoch / num_gradual) ** exponent, 1.0)
+    if epoch >= num_gradual:
+        return forget_rate
+    return 0.0 if num_gradual == 1 else forget_rate**exponent * epoch / (num_gradual - 1)
 
 
 def small_loss_mask(losses: Tensor, forget_rate: float, all_losses: Tensor | None = None) -> tuple[Tensor, int]:
@@ -133,7 +154,8 @@ def small_loss_mask(losses: Tensor, forget_rate: float, all_losses: Tensor | Non
     Returns the mask over ``losses`` and the number kept over the global batch. Ties at the threshold are all kept.
     """
     pooled = (losses if all_losses is None else all_losses).detach().flatten()
-    keep = max(1, int((1.0 - forget_rate) * pooled.numel()))
+    # floor, as the paper's code counts, with a tolerance so that (1 - 0.9) * 20 keeps 2, not 1
+    keep = max(1, math.floor((1.0 - forget_rate) * pooled.numel() + 1e-9))
     threshold = torch.kthvalue(pooled.float(), keep).values
     return losses.detach() <= threshold, keep
 
