@@ -515,3 +515,26 @@ def test_noise_suite_resumes_and_reports_the_misses(tmp_path: Path, monkeypatch:
     assert "| dense | dense d=0.550 #0 | 0.550 | yes | 40.0 | 97.00 | 96.00 | -1.00 | 0.010 | 99.00 |" in table
     assert "above 0.05: dense d=0.550 #0." in table
     assert "Median theta error over the 8 matrices with an EM fit: 0.010" in table
+
+
+def test_compare_reproduces_the_quality_tables_cross_entropy_and_em_runs() -> None:
+    compared = RESULTS / "compare_mnist.csv"
+    if not compared.exists():
+        pytest.skip("benchmarks/results/compare_mnist.csv has not been written")
+    quality = list(csv.DictReader((RESULTS / "quality_mnist.csv").open()))
+    checked = 0
+    for run in csv.DictReader(compared.open()):
+        if run["method"] not in ("ce", "em"):
+            continue
+        same = [
+            other
+            for other in quality
+            if (other["row"], other["recipe"], other["seed"]) == (run["row"], run["method"], run["seed"])
+            and other["source"] == ""
+        ]
+        if not same:
+            continue
+        # the same fit on the same kind of machine: the same test accuracy (float32, printed with 4 or more digits)
+        assert float(run["test_acc"]) == pytest.approx(float(same[0]["test_acc"]), abs=1e-6), run["row"]
+        checked += 1
+    assert checked >= 6
