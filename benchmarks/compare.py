@@ -275,6 +275,17 @@ def mean_cell(runs: Sequence[Mapping[str, str]], key: str, digits: int = 3, scal
     return f"{scale * statistics.mean(values):.{digits}f}" if values else "-"
 
 
+def provenance(runs: Sequence[Mapping[str, str]]) -> list[str]:
+    """One line per command and commit that measured rows of the CSV, with how many."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for run in runs:
+        key = (run["command"], run["commit"], run["machine"])
+        counts[key] = counts.get(key, 0) + 1
+    lines = ["Runs, by the `command`, `commit` and `machine` columns of the CSV:", ""]
+    lines += [f"- {count} by `{command}` at commit {at} on {on};" for (command, at, on), count in counts.items()]
+    return [*lines, ""] if counts else []
+
+
 def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -> None:
     runs = read_table(csv_path)
     methods = [method for method in METHODS if any(run["method"] == method for run in runs)]
@@ -288,6 +299,7 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
         "",
         metadata,
         "",
+        *provenance(runs),
         f"Recipe for every method: `{json.dumps(RECIPE)}`, Adam, cosine schedule, the last epoch's model. "
         "Test accuracy (%) on the clean test set, mean ± std over seeds and the worst seed. `forward_oracle` is given "
         "the true noise matrix: an upper reference, not a method. Machines: the `machine` column of the CSV.",
@@ -311,8 +323,10 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
         lines.append(f"| {row} | " + " | ".join(mean_cell(of(row, m), "theta_error") for m in estimating) + " |")
     lines += [
         "",
-        "Wall time per method as a ratio to the cross-entropy fit of the same noise and seeds, measured in the same "
-        "run of this script (cleanlearning: its five cross-validation fits and its final fit together):",
+        "Wall time of each method's fit as a ratio to the cross-entropy fit of the same noise and seeds "
+        "(cleanlearning: its five cross-validation fits and its final fit together). The fits ran one after another "
+        "on a machine that other work shared at times, so compare these loosely; `method_cost.md` times the methods "
+        "side by side.",
         "",
         "| noise | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),

@@ -115,7 +115,7 @@ def test_one_flag_gives_the_cross_entropy_baseline_and_the_noise_changes_from_th
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EMNoiseEstimation is off for this fit" in result.stderr
     saved = yaml.safe_load((tmp_path / "lightning_logs" / "quickstart" / "version_0" / "config.yaml").read_text())
-    assert saved["model"]["method"] == "ce"
+    assert saved["model"]["init_args"]["method"] == "ce"
     assert (saved["data"]["noise_type"], saved["data"]["noise_rate"]) == ("permutation", 0.4)
 
 
