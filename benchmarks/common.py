@@ -130,3 +130,14 @@ def write_text(path: Path, lines: Iterable[str]) -> None:
     """Write a whole text file at once, one line per item."""
     with atomic_write(path, mode="w", newline="") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def provenance(runs: Sequence[Mapping[str, str]]) -> list[str]:
+    """One line per command and commit that measured rows of the CSV, with how many."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for run in runs:
+        key = (run["command"], run["commit"], run["machine"])
+        counts[key] = counts.get(key, 0) + 1
+    lines = ["Runs, by the `command`, `commit` and `machine` columns of the CSV:", ""]
+    lines += [f"- {count} by `{command}` at commit {at} on {on};" for (command, at, on), count in counts.items()]
+    return [*lines, ""] if counts else []

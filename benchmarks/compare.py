@@ -46,6 +46,7 @@ from common import (
     commit,
     machine,
     metadata_line,
+    provenance,
     read_table,
     write_text,
 )
@@ -273,17 +274,6 @@ def accuracy_cell(runs: Sequence[Mapping[str, str]]) -> str:
 def mean_cell(runs: Sequence[Mapping[str, str]], key: str, digits: int = 3, scale: float = 1.0) -> str:
     values = numbers(runs, key)
     return f"{scale * statistics.mean(values):.{digits}f}" if values else "-"
-
-
-def provenance(runs: Sequence[Mapping[str, str]]) -> list[str]:
-    """One line per command and commit that measured rows of the CSV, with how many."""
-    counts: dict[tuple[str, str, str], int] = {}
-    for run in runs:
-        key = (run["command"], run["commit"], run["machine"])
-        counts[key] = counts.get(key, 0) + 1
-    lines = ["Runs, by the `command`, `commit` and `machine` columns of the CSV:", ""]
-    lines += [f"- {count} by `{command}` at commit {at} on {on};" for (command, at, on), count in counts.items()]
-    return [*lines, ""] if counts else []
 
 
 def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -> None:

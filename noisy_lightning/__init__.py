@@ -12,6 +12,7 @@ from noisy_lightning.callbacks import EMNoiseEstimation, NoiseMatrixEstimation, 
 from noisy_lightning.contract import NoisyLabelData, NoisyPool
 from noisy_lightning.coteaching import CoTeachingClassifier
 from noisy_lightning.data import NoisyLabelDataModule
+from noisy_lightning.em import EMStart
 from noisy_lightning.issues import LabelIssues, find_label_issues
 from noisy_lightning.models import CNN, MLP
 from noisy_lightning.module import NoisyLabelClassifier
@@ -23,6 +24,7 @@ __all__ = [
     "MLP",
     "CoTeachingClassifier",
     "EMNoiseEstimation",
+    "EMStart",
     "LabelIssues",
     "NoiseMatrixEstimation",
     "NoisyLabelClassifier",

@@ -7,6 +7,9 @@ The mathematics lives in :mod:`noisy_lightning.em`, ``theta`` in the model's noi
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +24,7 @@ from noisy_lightning.checks import check_choice, check_float, check_int, check_o
 from noisy_lightning.contract import NoisyLabelData, require_noisy_label_data
 
 EStepSource = Literal["inference", "train_pass"]
+SelectionMetric = Literal["noisy_accuracy", "noisy_nll"]
 
 
 class EMNoiseEstimation(L.Callback):
@@ -54,6 +58,17 @@ class EMNoiseEstimation(L.Callback):
         initialisation: ``"hard_confusion"``, ``"soft_confusion"`` (the paper's) or ``"balanced"``
             (:func:`noisy_lightning.em.balanced_assignment`).
         hold_initial_rounds: rounds (>= 0) that keep theta at its initialisation.
+        starts: ways to start EM after the warm-up (:class:`~noisy_lightning.em.EMStart`: extra epochs on the
+            given labels, then an initialisation). ``None`` is one start, ``EMStart(0, initialisation)``. With
+            several, the fit tries each from the same warm-up state for ``trial_epochs`` epochs, restoring the
+            weights, optimiser, learning-rate schedule and EM state between trials, and continues the trial whose
+            network explains the validation split's *given* labels best (``selection_metric``; no clean label is
+            read). The Trainer's ``max_epochs`` grows by ``(len(starts) - 1) * trial_epochs``, so the kept trial
+            trains for as many epochs as a single-start fit would.
+        trial_epochs: epochs after the warm-up that each start is fitted before the choice (longer than every
+            start's ``extra_warmup_epochs``).
+        selection_metric: ``"noisy_accuracy"`` (higher is better) or ``"noisy_nll"`` (lower is better), on the
+            validation split (:func:`noisy_lightning.em.noisy_label_fit`).
 
     Logged each epoch once EM has started: ``em/round``, ``em/theta_change`` and, when the data knows the truth,
     ``em/theta_error``, ``em/theta_max_abs_error``, ``em/label_recovery``, ``em/flip_precision`` and
@@ -75,6 +90,9 @@ class EMNoiseEstimation(L.Callback):
         noise_matrix_from: Literal["train", "validation"] = "train",
         initialisation: em.Initialisation = "hard_confusion",
         hold_initial_rounds: int = 3,
+        starts: Sequence[em.EMStart] | None = None,
+        trial_epochs: int = 8,
+        selection_metric: SelectionMetric = "noisy_accuracy",
     ) -> None:
         super().__init__()
         self.schedule = em.EMSchedule(
@@ -91,12 +109,58 @@ class EMNoiseEstimation(L.Callback):
         if noise_matrix_from == "validation" and e_step != "inference":
             raise ValueError("noise_matrix_from='validation' needs e_step='inference' (validation is never trained on)")
         self.initialisation = check_choice("initialisation", initialisation, em.INITIALISATIONS)
+        self.starts = tuple(starts) if starts is not None else (em.EMStart(0, initialisation),)
+        if not self.starts or not all(isinstance(start, em.EMStart) for start in self.starts):
+            raise ValueError(f"starts must be a non-empty list of EMStart, got {starts!r}")
+        self.trial_epochs = check_int("trial_epochs", trial_epochs, 1)
+        longest = max(start.extra_warmup_epochs for start in self.starts)
+        if len(self.starts) > 1 and longest >= trial_epochs:
+            raise ValueError(
+                f"trial_epochs must be greater than every start's extra_warmup_epochs (so that each trial runs EM), "
+                f"got trial_epochs={trial_epochs} and extra_warmup_epochs={longest}"
+            )
+        self.selection_metric = check_choice("selection_metric", selection_metric, ("noisy_accuracy", "noisy_nll"))
+        if len(self.starts) > 1 and noise_matrix_from == "validation":
+            raise ValueError(
+                "starts with more than one EMStart choose by the validation split, so noise_matrix_from must be "
+                "'train' (got 'validation')"
+            )
+        self._max_epochs: int | None = None
+        self._fit_loop: Any = None
         self._reset()
 
-    # What a checkpoint saves; theta itself is in the model's noise layer.
-    _STATE = ("rounds", "last_round_epoch", "theta_change", "initial_noise_matrix", "noise_matrix_history", "metrics")
+    # What a checkpoint saves; theta itself is in the model's noise layer. _EM_STATE is one start's EM progress.
+    _EM_STATE = (
+        "rounds",
+        "last_round_epoch",
+        "theta_change",
+        "initial_noise_matrix",
+        "noise_matrix_history",
+        "metrics",
+    )
+    _STATE = (*_EM_STATE, "trial", "kept_start", "epoch_offset", "trial_scores", "snapshots")
+
+    @property
+    def selects(self) -> bool:
+        """Whether this callback tries several starts."""
+        return len(self.starts) > 1
+
+    @property
+    def extra_epochs(self) -> int:
+        """Epochs that the trials of the starts that are not kept add to the fit."""
+        return (len(self.starts) - 1) * self.trial_epochs
 
     def _reset(self) -> None:
+        self._reset_em()
+        # Trials: -1 before the warm-up ends, i during the trial of starts[i], len(starts) once one is kept.
+        self.trial = -1 if self.selects else len(self.starts)
+        self.kept_start = 0 if not self.selects else -1
+        self.epoch_offset = 0  # trainer epochs spent in trials that were not kept (and, during a trial, before it)
+        self.trial_scores: list[dict[str, float]] = []
+        self.snapshots: dict[str, dict[str, Any]] = {}
+        self.active = True  # False for a model without an EM noise layer: the callback then does nothing
+
+    def _reset_em(self) -> None:
         self.rounds = 0
         self.last_round_epoch = -1  # the epoch whose end ran the latest round
         self.theta_change = float("nan")
@@ -104,12 +168,13 @@ class EMNoiseEstimation(L.Callback):
         self.noise_matrix_history: list[Tensor] = []  # theta after each round, on the CPU
         self.metrics: dict[str, float] = {}
         self._train_pass: em.ProbabilitySums | None = None  # train_pass E-step sums of the current round epoch
-        self.active = True  # False for a model without an EM noise layer: the callback then does nothing
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._reset()  # a new fit starts afresh; a resumed one gets its state back from load_state_dict afterwards
+        self._max_epochs = trainer.max_epochs  # as the user set it: trials extend the fit loop's copy
+        self._fit_loop = trainer.fit_loop  # load_state_dict (no trainer argument) re-extends a resumed fit
         self.active = getattr(getattr(pl_module, "noise_layer", None), "estimated_by_em", False)
         if not self.active:
             # So that one flag (--model.method ce) turns a shipped EM config into its cross-entropy baseline.
@@ -129,29 +194,110 @@ class EMNoiseEstimation(L.Callback):
     # ---- when rounds run ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A checkpoint saved after an epoch's last step but before its end hooks resumes in the next epoch, and
-        # Lightning never calls on_train_epoch_end for the saved one: run its round now, with the same weights.
-        self._run_due_round(trainer, pl_module, through_epoch=trainer.current_epoch - 1)
+        # Lightning never calls on_train_epoch_end for the saved one: do its work now, with the same weights.
+        self._end_of_epoch(trainer, pl_module, through_epoch=trainer.current_epoch - 1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run_due_round(trainer, pl_module, through_epoch=trainer.current_epoch)
+        self._end_of_epoch(trainer, pl_module, through_epoch=trainer.current_epoch)
         if self.rounds > 0:
             # Every rank holds the same values; sync_dist only keeps Lightning from warning (a few scalars an epoch).
             values = {"em/round": float(self.rounds), "em/theta_change": self.theta_change}
+            if self.selects:
+                values["em/start"] = float(self._start_index())
             values |= {f"em/{key}": value for key, value in self.metrics.items()}
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
-    def _run_due_round(self, trainer: L.Trainer, pl_module: L.LightningModule, through_epoch: int) -> None:
+    def _end_of_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, through_epoch: int) -> None:
         if not self.active:
             return
-        due = self.schedule.latest_round_epoch(through_epoch)
+        epoch = through_epoch - self.epoch_offset  # counted as if the fit had tried one start only
+        warmup_end = self.schedule.warmup_epochs - 1
+        if self.trial == -1 and epoch >= warmup_end:
+            self.snapshots["warmup"] = self._capture(trainer, pl_module)
+            self.trial = 0
+            self._extend_fit(trainer.fit_loop)
+        self._run_due_round(trainer, pl_module, epoch)
+        if 0 <= self.trial < len(self.starts) and epoch >= warmup_end + self.trial_epochs:
+            self._end_trial(trainer, pl_module)
+
+    def _start_index(self) -> int:
+        return self.kept_start if self.trial >= len(self.starts) else max(self.trial, 0)
+
+    def _schedule(self) -> em.EMSchedule:
+        extra = self.starts[self._start_index()].extra_warmup_epochs
+        return replace(self.schedule, warmup_epochs=self.schedule.warmup_epochs + extra)
+
+    def _run_due_round(self, trainer: L.Trainer, pl_module: L.LightningModule, through_epoch: int) -> None:
+        due = self._schedule().latest_round_epoch(through_epoch)
         if due is not None and due > self.last_round_epoch:
             self.em_round(trainer, pl_module, epoch=due)
+
+    # ---- trials of several starts ------------------------------------------------------------------------------
+    def _extend_fit(self, fit_loop: Any) -> None:
+        if self._max_epochs is not None and self._max_epochs >= 0:
+            fit_loop.max_epochs = self._max_epochs + self.extra_epochs
+
+    def _end_trial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        scores = self.validation_scores(trainer, pl_module)
+        self.trial_scores.append(scores)
+        start = self.starts[self.trial]
+        rank_zero_info(
+            f"EMNoiseEstimation: start {self.trial} ({start.extra_warmup_epochs} extra warm-up epochs, "
+            f"{start.initialisation}) ends its trial with validation noisy_accuracy {scores['noisy_accuracy']:.4f}, "
+            f"noisy_nll {scores['noisy_nll']:.4f}"
+        )
+        if self.trial + 1 < len(self.starts):
+            self.snapshots[f"trial_{self.trial}"] = self._capture(trainer, pl_module)
+            self._restore(trainer, pl_module, self.snapshots["warmup"])
+            self.trial += 1
+            self.epoch_offset += self.trial_epochs
+            # A start without extra warm-up has its first round now, on the restored warm-up weights.
+            self._run_due_round(trainer, pl_module, self.schedule.warmup_epochs - 1)
+            return
+        values = [score[self.selection_metric] for score in self.trial_scores]
+        best = (max if self.selection_metric == "noisy_accuracy" else min)(range(len(values)), key=values.__getitem__)
+        if best != self.trial:
+            self._restore(trainer, pl_module, self.snapshots[f"trial_{best}"])
+        self.kept_start, self.trial, self.snapshots = best, len(self.starts), {}
+        rank_zero_info(f"EMNoiseEstimation: keeps start {best} ({self.starts[best]}) by {self.selection_metric}")
+
+    def validation_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """:func:`noisy_lightning.em.noisy_label_fit` of the model on the validation split's given labels."""
+        pool = trainer.datamodule.pool
+        sums = inference_probabilities(trainer, pl_module, indices=pool.val_indices)
+        probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
+        given = pool.given_labels.to(scored.device)[scored]
+        return em.noisy_label_fit(probabilities, pl_module.noise_layer.noise_matrix, given)
+
+    def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Everything a trial changes: the weights and theta, optimiser and schedule states, and EM's progress."""
+        return _cpu_copy(
+            {
+                "model": pl_module.state_dict(),
+                "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+                "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+                "em": {name: getattr(self, name) for name in self._EM_STATE},
+            }
+        )
+
+    def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, Any]) -> None:
+        state = copy.deepcopy(state)  # the optimiser would otherwise update the snapshot's tensors in place
+        pl_module.load_state_dict(state["model"])
+        for optimizer, saved in zip(trainer.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"], strict=True):
+            config.scheduler.load_state_dict(saved)
+        for name, value in state["em"].items():
+            setattr(self, name, value)
+        self._train_pass = None
 
     # ---- p(y | x) for the E-step -------------------------------------------------------------------------------
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.active or self.e_step != "train_pass" or not self.schedule.is_round_epoch(trainer.current_epoch):
+        if not self.active or self.e_step != "train_pass":
+            return
+        if not self._schedule().is_round_epoch(trainer.current_epoch - self.epoch_offset):
             return
         if self._train_pass is None:  # sums restored from a mid-epoch checkpoint of this epoch are kept
             pool = trainer.datamodule.pool
@@ -162,7 +308,9 @@ class EMNoiseEstimation(L.Callback):
     def em_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         """One E-step and (unless held or frozen) theta M-step; the first round initialises theta."""
         sums, self._train_pass = self._train_pass, None
-        if self.e_step == "train_pass" and sums is None:
+        # A later start's first round runs on restored weights, so no training pass was collected for it.
+        restarted = self.selects and self.trial > 0 and self.rounds == 0
+        if self.e_step == "train_pass" and sums is None and not restarted:
             rank_zero_warn(
                 f"EMNoiseEstimation: no training-pass outputs were collected for epoch {epoch}; "
                 "this round's E-step uses an inference pass instead"
@@ -178,7 +326,7 @@ class EMNoiseEstimation(L.Callback):
             given,
             layer.noise_matrix if self.rounds > 0 else None,
             update_noise_matrix=self.schedule.updates_noise_matrix(self.rounds),
-            initialisation=self.initialisation,
+            initialisation=self.starts[self._start_index()].initialisation,
             for_noise_matrix=_mask(pool.val_indices, scored) if self.noise_matrix_from == "validation" else in_train,
         )
         if result.initial_noise_matrix is not None:
@@ -200,7 +348,8 @@ class EMNoiseEstimation(L.Callback):
         self.rounds += 1
         self.last_round_epoch = epoch
         updated = self.rounds - 1 > self.schedule.hold_initial_rounds  # held rounds change theta by 0 by design
-        if self.convergence_tol is not None and updated and self.theta_change < self.convergence_tol:
+        chosen = self.trial >= len(self.starts)  # trials run their full length
+        if self.convergence_tol is not None and updated and chosen and self.theta_change < self.convergence_tol:
             trainer.should_stop = True
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -211,7 +360,12 @@ class EMNoiseEstimation(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name in self._STATE:
-            setattr(self, name, state_dict[name])
+            if name in state_dict:  # a checkpoint written before trials existed has no trial state: one start
+                setattr(self, name, state_dict[name])
+        if self.selects and self.trial >= 0 and self._fit_loop is not None:
+            # max_epochs comes from the Trainer, not the checkpoint: a fit resumed after its trials began needs
+            # the same extension, before the fit loop decides that it is already done.
+            self._extend_fit(self._fit_loop)
         self._train_pass = None
         if state_dict["train_pass_sums"] is not None:
             self._train_pass = em.ProbabilitySums(*state_dict["train_pass_sums"][0].shape)
@@ -323,16 +477,18 @@ class NoiseMatrixEstimation(L.Callback):
 
 @torch.no_grad()
 def inference_probabilities(
-    trainer: L.Trainer, pl_module: L.LightningModule, with_validation: bool
+    trainer: L.Trainer, pl_module: L.LightningModule, with_validation: bool = False, indices: Tensor | None = None
 ) -> em.ProbabilitySums:
-    """``p(y | x)`` of the training split (and the validation split), from an eval-mode pass on this rank's share.
+    """``p(y | x)`` of the training split (and the validation split), or of the pool rows ``indices``, from an
+    eval-mode pass on this rank's share.
 
     Inputs go through the precision plugin as in a validation step, so EM runs under any Trainer precision.
     """
     data: NoisyLabelData = trainer.datamodule
     pool = data.pool
     sums = em.ProbabilitySums(pool.size, pool.num_classes, pl_module.device)
-    indices = torch.cat([pool.train_indices, pool.val_indices]) if with_validation else pool.train_indices
+    if indices is None:
+        indices = torch.cat([pool.train_indices, pool.val_indices]) if with_validation else pool.train_indices
     precision = trainer.precision_plugin
     was_training = pl_module.training
     pl_module.eval()
@@ -345,6 +501,17 @@ def inference_probabilities(
     finally:
         pl_module.train(was_training)
     return sums
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A deep copy of nested dicts, lists and tuples with every tensor cloned to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return copy.deepcopy(value)
 
 
 def _mask(indices: Tensor, scored: Tensor) -> Tensor:

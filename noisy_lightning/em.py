@@ -267,6 +267,47 @@ class EMSchedule:
         return round_index >= self.hold_initial_rounds and not frozen
 
 
+@dataclass(frozen=True)
+class EMStart:
+    """One way to start EM after the shared warm-up: more epochs on the given labels, then an initialisation.
+
+    :class:`~noisy_lightning.callbacks.EMNoiseEstimation` given several starts fits each of them for a trial of
+    the same length from the same warm-up state and keeps the one whose network explains the validation split's
+    given labels best (:func:`noisy_label_fit`).
+
+    Args:
+        extra_warmup_epochs: epochs on the given labels after the shared warm-up and before the first round (>= 0).
+        initialisation: theta's initialisation at the first round (one of :data:`INITIALISATIONS`).
+    """
+
+    extra_warmup_epochs: int = 0
+    initialisation: Initialisation = "hard_confusion"
+
+    def __post_init__(self) -> None:
+        check_int("extra_warmup_epochs", self.extra_warmup_epochs, 0)
+        if self.initialisation not in INITIALISATIONS:
+            raise ValueError(
+                f"initialisation must be one of {', '.join(map(repr, INITIALISATIONS))}; got {self.initialisation!r}"
+            )
+
+
+def noisy_label_fit(class_probs: Tensor, noise_matrix: Tensor, given_labels: Tensor) -> dict[str, float]:
+    """How well ``p(y | x)`` and ``theta`` explain given labels that the network was not trained on.
+
+    ``noisy_accuracy = mean_t 1[argmax_i p(i | x_t) = z_t]`` and ``noisy_nll = -mean_t log sum_i p(i | x_t)
+    theta[i, z_t]``. Both use the given labels only. When ``theta`` is diagonally dominant
+    (``theta[i, i] > theta[k, i]`` for ``k != i``), a classifier that is right more often on the true labels also
+    agrees more often with the given ones, so ``noisy_accuracy`` ranks networks as their clean accuracy would.
+    """
+    check_log_probs(class_probs.clamp_min(1e-30).log(), "class_probs")
+    labels = given_labels.long()
+    accuracy = (class_probs.argmax(dim=1) == labels).double().mean()
+    label_probs = (class_probs.double() @ noise_matrix.double().to(class_probs.device))[
+        torch.arange(labels.numel(), device=labels.device), labels
+    ]
+    return {"noisy_accuracy": accuracy.item(), "noisy_nll": -label_probs.clamp_min(1e-30).log().mean().item()}
+
+
 class ProbabilitySums:
     """Per-sample sums of ``p(y | x)`` and how often each sample was scored, indexed by its row in the pool.
 

@@ -1,0 +1,217 @@
+"""Several EM starts tried from one warm-up: the choice, the restored state, the extended fit, the labels it reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from helpers import quiet_trainer
+
+from noisy_lightning import MLP, EMNoiseEstimation, EMStart, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning import em as em_math
+
+TWO_STARTS = [EMStart(0, "hard_confusion"), EMStart(1, "balanced")]
+
+
+def small_model() -> NoisyLabelClassifier:
+    return NoisyLabelClassifier(method="em", net=MLP(hidden_sizes=[64], dropout=0.1))
+
+
+def datamodule() -> NoisyLabelDataModule:
+    return NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3, batch_size=512)
+
+
+def test_noisy_label_fit_against_its_definition() -> None:
+    probabilities = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]], dtype=torch.float64)
+    theta = torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.9, 0.1], [0.3, 0.0, 0.7]], dtype=torch.float64)
+    given = torch.tensor([0, 1, 1])
+    scores = em_math.noisy_label_fit(probabilities, theta, given)
+    assert scores["noisy_accuracy"] == pytest.approx(1 / 3)  # only the first argmax agrees with its given label
+    by_hand = [0.7 * 0.8 + 0.2 * 0.0 + 0.1 * 0.3, 0.1 * 0.2 + 0.3 * 0.9 + 0.6 * 0.0, 0.5 * 0.2 + 0.4 * 0.9 + 0.1 * 0]
+    assert scores["noisy_nll"] == pytest.approx(-torch.tensor(by_hand).log().mean().item())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"starts": []}, "starts must be a non-empty list of EMStart"),
+        ({"starts": ["balanced"]}, "starts must be a non-empty list of EMStart"),
+        ({"starts": TWO_STARTS, "trial_epochs": 1}, "trial_epochs must be greater than every start's"),
+        ({"trial_epochs": 0}, "trial_epochs must be an integer >= 1"),
+        ({"selection_metric": "clean_accuracy"}, "selection_metric must be one of"),
+        ({"starts": TWO_STARTS, "noise_matrix_from": "validation"}, "noise_matrix_from must be 'train'"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EMNoiseEstimation(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"extra_warmup_epochs": -1}, "extra_warmup_epochs must be an integer >= 0"),
+        ({"initialisation": "anchor"}, "initialisation must be one of"),
+    ],
+)
+def test_bad_starts(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EMStart(**kwargs)
+
+
+def state_of(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+def test_trials_restore_the_warmup_then_continue_the_kept_start(monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
+    """Start 1 begins from the warm-up's weights, optimiser and schedule; the fit continues from the kept trial's
+    end; the kept start's EM history is the one left; max_epochs grows by the trial that was not kept."""
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, starts=TWO_STARTS, trial_epochs=2)
+    # Rig the scores so that the test chooses which start is kept.
+    monkeypatch.setattr(
+        callback,
+        "validation_scores",
+        lambda trainer, module: {"noisy_accuracy": 0.5 - abs(callback.trial - kept) / 10, "noisy_nll": 1.0},
+    )
+    seen: dict[str, Any] = {}
+    original_capture, original_end_trial = callback._capture, callback._end_trial
+
+    def capture(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+        state = original_capture(trainer, module)
+        seen[f"captured_{len(seen)}"] = (
+            state_of(module),
+            trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            [group["lr"] for group in trainer.optimizers[0].param_groups],
+            len(callback.noise_matrix_history),
+        )
+        return state
+
+    def end_trial(trainer: L.Trainer, module: L.LightningModule) -> None:
+        trial = callback.trial
+        original_end_trial(trainer, module)
+        seen[f"after_trial_{trial}"] = (
+            state_of(module),
+            trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            [group["lr"] for group in trainer.optimizers[0].param_groups],
+            len(callback.noise_matrix_history),
+        )
+
+    monkeypatch.setattr(callback, "_capture", capture)
+    monkeypatch.setattr(callback, "_end_trial", end_trial)
+    model = small_model()
+    trainer = quiet_trainer(max_epochs=4, callbacks=[callback])
+    trainer.fit(model, datamodule())
+
+    warmup, trial_0_end = seen["captured_0"], seen["captured_1"]  # captured at the warm-up's and trial 0's ends
+    after_switch, after_choice = seen["after_trial_0"], seen["after_trial_1"]
+    assert warmup[3] == 0 and trial_0_end[3] == 3  # no round before the warm-up snapshot; 3 rounds in trial 0
+    # Trial 1 starts from the warm-up state (its first round only reads the network, it does not train it).
+    assert_same_state(
+        {k: v for k, v in after_switch[0].items() if "noise_layer" not in k},
+        {k: v for k, v in warmup[0].items() if "noise_layer" not in k},
+    )
+    assert after_switch[1:3] == warmup[1:3]
+    assert after_switch[3] == 0  # start 1 has 1 extra warm-up epoch: no round yet
+    if kept == 0:
+        assert_same_state(after_choice[0], trial_0_end[0])
+        assert after_choice[1:] == trial_0_end[1:]
+    assert callback.kept_start == kept and callback.trial == 2 and callback.snapshots == {}
+    assert [round(score["noisy_accuracy"], 3) for score in callback.trial_scores] == [
+        0.5 - kept / 10,
+        0.5 - (1 - kept) / 10,
+    ]
+    # 4 epochs as asked, plus the 2 of the trial that was not kept; the kept start ran all its rounds.
+    assert trainer.current_epoch == 6
+    assert callback.rounds == (4 if kept == 0 else 3) == len(callback.noise_matrix_history)
+    assert callback.epoch_offset == 2
+
+
+def test_the_best_start_by_the_metric_is_kept_and_logged() -> None:
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1, starts=TWO_STARTS, trial_epochs=2, selection_metric="noisy_nll")
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback])
+    trainer.fit(small_model(), datamodule())
+    nll = [score["noisy_nll"] for score in callback.trial_scores]
+    assert len(nll) == 2 and callback.kept_start == nll.index(min(nll))
+    assert trainer.callback_metrics["em/start"].item() == callback.kept_start
+
+
+def test_validation_scores_read_given_labels_only() -> None:
+    """Scrambling the clean labels changes nothing; changing the validation split's given labels does."""
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1)
+    data = datamodule()
+    model = small_model()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
+    trainer.fit(model, data)
+    before = callback.validation_scores(trainer, model)
+    pool = data.pool
+    pool.clean_labels.copy_(pool.clean_labels[torch.randperm(pool.size)])
+    assert callback.validation_scores(trainer, model) == before
+    val = pool.val_indices
+    pool.given_labels[val] = (pool.given_labels[val] + 1) % 10
+    assert callback.validation_scores(trainer, model)["noisy_accuracy"] != before["noisy_accuracy"]
+
+
+def test_one_start_is_a_plain_fit() -> None:
+    """The default single start neither snapshots nor extends the fit."""
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback])
+    trainer.fit(small_model(), datamodule())
+    assert trainer.current_epoch == 3 and callback.rounds == 3 and callback.trial_scores == []
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])
+def test_a_fit_resumed_during_or_after_the_trials_ends_where_an_unbroken_one_does(
+    tmp_path: Path, stop_after: int
+) -> None:
+    """Stopped inside trial 1 (epoch 2 of 0..5) or after the choice, and resumed: the same weights, theta and EM state
+    as a fit that ran through."""
+
+    def fit(max_epochs: int, ckpt_path: Path | None = None) -> tuple[L.Trainer, EMNoiseEstimation]:
+        L.seed_everything(0)
+        callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, starts=TWO_STARTS, trial_epochs=2)
+        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[callback], default_root_dir=tmp_path)
+        trainer.fit(small_model(), datamodule(), ckpt_path=ckpt_path)
+        return trainer, callback
+
+    unbroken, unbroken_callback = fit(3)
+    # Stopped by a callback, not by max_epochs: a fit extends max_epochs itself once its trials begin.
+    fit_stopping(tmp_path, stop_after)
+    resumed, resumed_callback = fit(3, ckpt_path=tmp_path / "stopped.ckpt")
+    assert resumed.current_epoch == unbroken.current_epoch == 5
+    assert_same_state(state_of(resumed.lightning_module), state_of(unbroken.lightning_module))
+    assert resumed_callback.kept_start == unbroken_callback.kept_start
+    assert resumed_callback.trial_scores == unbroken_callback.trial_scores
+    assert resumed_callback.rounds == unbroken_callback.rounds
+
+
+class StopAt(L.Callback):
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def fit_stopping(tmp_path: Path, stop_after: int) -> None:
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, starts=TWO_STARTS, trial_epochs=2)
+    stop = StopAt(stop_after, tmp_path / "stopped.ckpt")
+    quiet_trainer(max_epochs=3, callbacks=[callback, stop], default_root_dir=tmp_path).fit(small_model(), datamodule())
