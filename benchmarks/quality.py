@@ -51,8 +51,11 @@ from common import (
     write_table,
     write_text,
 )
+from em_starts import CONFIGURATIONS as START_CONFIGURATIONS
 
-from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning import MLP, EMNoiseEstimation, EMStart, NoisyLabelClassifier, NoisyLabelDataModule
+
+TWO_STARTS = START_CONFIGURATIONS["two starts"]
 
 
 class Row(NamedTuple):
@@ -100,6 +103,9 @@ class Recipe:
     warmup_epochs: int = 6
     initialisation: str = "hard_confusion"
     hold_initial_rounds: int = 3
+    # "one": a single EM start with `initialisation`; "two": the starts of em_starts.CONFIGURATIONS["two starts"],
+    # tried from one warm-up and chosen by the noisy validation labels (`initialisation` is then the first's).
+    starts: str = "one"
 
     def but(self, **changes: object) -> Recipe:
         """This recipe with ``changes``."""
@@ -107,12 +113,25 @@ class Recipe:
 
 
 # The fields that only EM reads: a CE run's recipe records them, but they play no part in it.
-EM_SETTINGS = ("em_targets", "e_step", "noise_matrix_from", "warmup_epochs", "initialisation", "hold_initial_rounds")
+EM_SETTINGS = (
+    "em_targets",
+    "e_step",
+    "noise_matrix_from",
+    "warmup_epochs",
+    "initialisation",
+    "hold_initial_rounds",
+    "starts",
+)
 
 
 def settings(recipe: Mapping[str, object]) -> dict[str, object]:
-    """The fields of a recipe (a :class:`Recipe` as a dict, or a recorded ``recipe_json``) that its method uses."""
-    return {key: value for key, value in recipe.items() if recipe["method"] == "em" or key not in EM_SETTINGS}
+    """The fields of a recipe (a :class:`Recipe` as a dict, or a recorded ``recipe_json``) that its method uses.
+
+    ``starts="one"`` is left out, so that runs recorded before the field existed keep their keys."""
+    used = {key: value for key, value in recipe.items() if recipe["method"] == "em" or key not in EM_SETTINGS}
+    if used.get("starts") == "one":
+        del used["starts"]
+    return used
 
 
 DEFAULT_EM = Recipe()
@@ -299,6 +318,7 @@ def run_one(dataset: str, noise_type: str, noise_rate: float, seed: int, recipe:
     )
     callbacks = []
     if recipe.method == "em":
+        starts = {"one": {"starts": [EMStart(0, recipe.initialisation)]}, "two": TWO_STARTS}[recipe.starts]
         callbacks.append(
             EMNoiseEstimation(
                 warmup_epochs=recipe.warmup_epochs,
@@ -306,6 +326,7 @@ def run_one(dataset: str, noise_type: str, noise_rate: float, seed: int, recipe:
                 noise_matrix_from=recipe.noise_matrix_from,
                 initialisation=recipe.initialisation,
                 hold_initial_rounds=recipe.hold_initial_rounds,
+                **starts,  # type: ignore[arg-type]
             )
         )
     trainer = L.Trainer(accelerator="cpu", max_epochs=recipe.epochs, callbacks=callbacks, **QUIET_TRAINER)
@@ -681,6 +702,9 @@ def parse_arguments() -> argparse.Namespace:
         help="override every recipe's theta initialisation",
     )
     parser.add_argument(
+        "--starts", choices=["one", "two"], default=None, help="override every EM recipe's starts (see Recipe)"
+    )
+    parser.add_argument(
         "--select",
         type=Path,
         nargs="+",
@@ -714,6 +738,7 @@ def parse_arguments() -> argparse.Namespace:
         # A results file records its command: an option that would do nothing must not appear in it.
         training = {"--seeds": args.seeds, "--rows": args.rows, "--epochs": args.epochs, "--resume": args.resume}
         training |= {"--warmup-epochs": args.warmup_epochs, "--initialisation": args.initialisation}
+        training |= {"--starts": args.starts}
         training |= {"--reuse-from": args.select is not None and args.reuse_from}
         given = [option for option, value in training.items() if value not in (None, False, [])]
         if given:
@@ -732,6 +757,7 @@ class Job(NamedTuple):
 def jobs_for(args: argparse.Namespace) -> list[Job]:
     """What a training run measures: the chosen rows or variants, with the overrides applied."""
     overrides = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "initialisation": args.initialisation}
+    overrides["starts"] = args.starts
     overrides = {key: value for key, value in overrides.items() if value is not None}
 
     def chosen(name: str) -> bool:

@@ -22,6 +22,7 @@ from noisy_lightning import (
     MLP,
     CoTeachingClassifier,
     EMNoiseEstimation,
+    EMStart,
     NoiseMatrixEstimation,
     NoisyLabelClassifier,
     NoisyLabelDataModule,
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--initialisation", default="hard_confusion")
     parser.add_argument("--out", required=True)
     parser.add_argument("--train", action="store_true", help="really train, with the global batch size fixed")
-    parser.add_argument("--method", default="em", choices=("em", "forward", "nal", "coteaching"))
+    parser.add_argument("--method", default="em", choices=("em", "em_starts", "forward", "nal", "coteaching"))
     args = parser.parse_args()
     if args.train:
         train(args)
@@ -112,6 +113,9 @@ def make_trained_model(args: argparse.Namespace) -> tuple[L.LightningModule, lis
             NoiseMatrixEstimation(warmup_epochs=1)
         ]
     model = NoisyLabelClassifier(method="em", net=net, lr=2e-3, augment_shift=0)
+    if args.method == "em_starts":  # two starts tried from one warm-up, one kept by the validation split
+        starts = [EMStart(0, "hard_confusion"), EMStart(1, "balanced")]
+        return model, [EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=1, starts=starts, trial_epochs=2)]
     return model, [EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, hold_initial_rounds=1)]
 
 
@@ -128,8 +132,11 @@ def train(args: argparse.Namespace) -> None:
     trainer.fit(model, datamodule)
     fit_metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
     test_accuracy = trainer.test(model, datamodule, verbose=False)[0]["test/acc"]
-    history = callbacks[0].noise_matrix_history if args.method == "em" else [model.noise_matrix.cpu()]
+    history = callbacks[0].noise_matrix_history if args.method.startswith("em") else [model.noise_matrix.cpu()]
     result = {
+        "epochs": trainer.current_epoch,
+        "trial_scores": getattr(callbacks[0], "trial_scores", None) if callbacks else None,
+        "kept_start": getattr(callbacks[0], "kept_start", None) if callbacks else None,
         "noisy_labels": datamodule.pool.given_labels,
         "history": history,
         "fit_metrics": fit_metrics,

@@ -95,3 +95,22 @@ def test_peer_training_on_two_processes_follows_one(tmp_path: Path, method: str)
         if method == "coteaching":
             rate = result["fit_metrics"]["coteaching/forget_rate"]
             assert rate > 0 and rate == pytest.approx(single["fit_metrics"]["coteaching/forget_rate"], abs=1e-4)
+
+
+def test_em_starts_on_two_processes_follow_one(tmp_path: Path) -> None:
+    """Two EM starts tried from one warm-up: the validation scores are reduced across ranks (a padded sample counted
+    once), so both processes keep the start a single process keeps, and the fit continues alike (tolerances as
+    above; a noisy-label accuracy on the 400 validation digits within 2 digits)."""
+    (single,) = run_worker(tmp_path, 1, "inference", "--train", "--method", "em_starts")
+    ranks = run_worker(tmp_path, 2, "inference", "--train", "--method", "em_starts")
+    assert single["epochs"] == 6 and len(single["trial_scores"]) == 2
+    for result in ranks:
+        assert result["epochs"] == 6 and result["kept_start"] == single["kept_start"]
+        for scores, single_scores in zip(result["trial_scores"], single["trial_scores"], strict=True):
+            assert scores["noisy_accuracy"] == pytest.approx(single_scores["noisy_accuracy"], abs=0.0051)
+            assert scores["noisy_nll"] == pytest.approx(single_scores["noisy_nll"], abs=1e-3)
+        assert len(result["history"]) == len(single["history"])
+        for distributed_theta, single_theta in zip(result["history"], single["history"], strict=True):
+            torch.testing.assert_close(distributed_theta, single_theta, rtol=0, atol=1e-4)
+        assert result["test_acc"] == pytest.approx(single["test_acc"], abs=0.002)
+    assert ranks[0]["trial_scores"] == ranks[1]["trial_scores"]
