@@ -138,7 +138,7 @@ class EMNoiseEstimation(L.Callback):
         "noise_matrix_history",
         "metrics",
     )
-    _STATE = (*_EM_STATE, "trial", "kept_start", "epoch_offset", "trial_scores", "snapshots")
+    _STATE = (*_EM_STATE, "rounds_run", "trial", "kept_start", "epoch_offset", "trial_scores", "snapshots")
 
     @property
     def selects(self) -> bool:
@@ -152,6 +152,7 @@ class EMNoiseEstimation(L.Callback):
 
     def _reset(self) -> None:
         self._reset_em()
+        self.rounds_run = 0  # rounds of every start, including those of trials that were not kept
         # Trials: -1 before the warm-up ends, i during the trial of starts[i], len(starts) once one is kept.
         self.trial = -1 if self.selects else len(self.starts)
         self.kept_start = 0 if not self.selects else -1
@@ -203,7 +204,7 @@ class EMNoiseEstimation(L.Callback):
             # Every rank holds the same values; sync_dist only keeps Lightning from warning (a few scalars an epoch).
             values = {"em/round": float(self.rounds), "em/theta_change": self.theta_change}
             if self.selects:
-                values["em/start"] = float(self._start_index())
+                values["em/start"] = float(self.start_index)
             values |= {f"em/{key}": value for key, value in self.metrics.items()}
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
@@ -220,11 +221,13 @@ class EMNoiseEstimation(L.Callback):
         if 0 <= self.trial < len(self.starts) and epoch >= warmup_end + self.trial_epochs:
             self._end_trial(trainer, pl_module)
 
-    def _start_index(self) -> int:
+    @property
+    def start_index(self) -> int:
+        """The start being fitted (during its trial) or kept (after the choice)."""
         return self.kept_start if self.trial >= len(self.starts) else max(self.trial, 0)
 
     def _schedule(self) -> em.EMSchedule:
-        extra = self.starts[self._start_index()].extra_warmup_epochs
+        extra = self.starts[self.start_index].extra_warmup_epochs
         return replace(self.schedule, warmup_epochs=self.schedule.warmup_epochs + extra)
 
     def _run_due_round(self, trainer: L.Trainer, pl_module: L.LightningModule, through_epoch: int) -> None:
@@ -326,7 +329,7 @@ class EMNoiseEstimation(L.Callback):
             given,
             layer.noise_matrix if self.rounds > 0 else None,
             update_noise_matrix=self.schedule.updates_noise_matrix(self.rounds),
-            initialisation=self.starts[self._start_index()].initialisation,
+            initialisation=self.starts[self.start_index].initialisation,
             for_noise_matrix=_mask(pool.val_indices, scored) if self.noise_matrix_from == "validation" else in_train,
         )
         if result.initial_noise_matrix is not None:
@@ -346,6 +349,7 @@ class EMNoiseEstimation(L.Callback):
         elif self.rounds == 0:
             rank_zero_info("EMNoiseEstimation: the data has no clean labels, so the ground-truth em/ metrics are off")
         self.rounds += 1
+        self.rounds_run += 1
         self.last_round_epoch = epoch
         updated = self.rounds - 1 > self.schedule.hold_initial_rounds  # held rounds change theta by 0 by design
         chosen = self.trial >= len(self.starts)  # trials run their full length
@@ -609,17 +613,19 @@ class NoisyLabelFigures(L.Callback):
         from noisy_lightning.plots import noise_matrix_figure
 
         em_callback = self._em_callback(trainer)
-        if em_callback is None or em_callback.rounds == self._rounds_seen:
+        # rounds_run counts every round of the fit: with several EM starts, a later start's rounds count from 1 again.
+        if em_callback is None or em_callback.rounds_run == self._rounds_seen:
             return
-        self._rounds_seen = em_callback.rounds
+        self._rounds_seen = em_callback.rounds_run
         self.em_round_epochs.append(trainer.current_epoch - 1)
         if trainer.is_global_zero:
             truth = getattr(trainer.datamodule, "true_transition_matrix", None)
-            title = f"EM round {em_callback.rounds} (after epoch {trainer.current_epoch - 1})"
+            start = f" of start {em_callback.start_index}" if em_callback.selects else ""
+            title = f"EM round {em_callback.rounds}{start} (after epoch {trainer.current_epoch - 1})"
             self._emit(
                 trainer,
                 noise_matrix_figure(truth, pl_module.noise_matrix, title),
-                f"noise_matrix/round_{em_callback.rounds:03d}",
+                f"noise_matrix/round_{em_callback.rounds_run:03d}",
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -215,3 +215,20 @@ def fit_stopping(tmp_path: Path, stop_after: int) -> None:
     callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, starts=TWO_STARTS, trial_epochs=2)
     stop = StopAt(stop_after, tmp_path / "stopped.ckpt")
     quiet_trainer(max_epochs=3, callbacks=[callback, stop], default_root_dir=tmp_path).fit(small_model(), datamodule())
+
+
+def test_figures_draw_every_round_of_every_start(tmp_path: Path) -> None:
+    """A later start's rounds count from 1 again; the figures still draw each round once, under its own file."""
+    from noisy_lightning import NoisyLabelFigures
+
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1, starts=TWO_STARTS, trial_epochs=2)
+    figures = NoisyLabelFigures(grid_size=2, track_test_accuracy=False, dpi=30)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback, figures], default_root_dir=tmp_path)
+    trainer.fit(small_model(), datamodule())
+    # Trial 0: rounds after epochs 0, 1 and 2; trial 1 (1 extra warm-up epoch, its epoch 1 is the fit's epoch 3):
+    # after epochs 3 and 4, which is where the 3 + 2 epochs end.
+    assert callback.rounds_run == 5
+    assert figures.em_round_epochs == [0, 1, 2, 3, 4]
+    drawn = sorted(path.name for path in (tmp_path / "figures" / "noise_matrix").glob("*.png"))
+    assert drawn == [f"round_{index:03d}.png" for index in range(1, 6)]
