@@ -66,7 +66,8 @@ class EMNoiseEstimation(L.Callback):
             read). The Trainer's ``max_epochs`` grows by ``(len(starts) - 1) * trial_epochs``, so the kept trial
             trains for as many epochs as a single-start fit would.
         trial_epochs: epochs after the warm-up that each start is fitted before the choice (longer than every
-            start's ``extra_warmup_epochs``).
+            start's ``extra_warmup_epochs``). A fit with fewer epochs left after the warm-up gives each trial what is
+            left; one with no more left than the longest extra warm-up tries the first start only, and warns.
         selection_metric: ``"noisy_accuracy"`` (higher is better) or ``"noisy_nll"`` (lower is better), on the
             validation split (:func:`noisy_lightning.em.noisy_label_fit`).
 
@@ -138,7 +139,16 @@ class EMNoiseEstimation(L.Callback):
         "noise_matrix_history",
         "metrics",
     )
-    _STATE = (*_EM_STATE, "rounds_run", "trial", "kept_start", "epoch_offset", "trial_scores", "snapshots")
+    _STATE = (
+        *_EM_STATE,
+        "rounds_run",
+        "trial",
+        "kept_start",
+        "trial_length",
+        "epoch_offset",
+        "trial_scores",
+        "snapshots",
+    )
 
     @property
     def selects(self) -> bool:
@@ -148,7 +158,7 @@ class EMNoiseEstimation(L.Callback):
     @property
     def extra_epochs(self) -> int:
         """Epochs that the trials of the starts that are not kept add to the fit."""
-        return (len(self.starts) - 1) * self.trial_epochs
+        return (len(self.starts) - 1) * self.trial_length
 
     def _reset(self) -> None:
         self._reset_em()
@@ -156,6 +166,7 @@ class EMNoiseEstimation(L.Callback):
         # Trials: -1 before the warm-up ends, i during the trial of starts[i], len(starts) once one is kept.
         self.trial = -1 if self.selects else len(self.starts)
         self.kept_start = 0 if not self.selects else -1
+        self.trial_length = self.trial_epochs  # shortened at the warm-up's end when the fit has fewer epochs left
         self.epoch_offset = 0  # trainer epochs spent in trials that were not kept (and, during a trial, before it)
         self.trial_scores: list[dict[str, float]] = []
         self.snapshots: dict[str, dict[str, Any]] = {}
@@ -214,11 +225,9 @@ class EMNoiseEstimation(L.Callback):
         epoch = through_epoch - self.epoch_offset  # counted as if the fit had tried one start only
         warmup_end = self.schedule.warmup_epochs - 1
         if self.trial == -1 and epoch >= warmup_end:
-            self.snapshots["warmup"] = self._capture(trainer, pl_module)
-            self.trial = 0
-            self._extend_fit(trainer.fit_loop)
+            self._begin_trials(trainer, pl_module, epochs_done=epoch + 1)
         self._run_due_round(trainer, pl_module, epoch)
-        if 0 <= self.trial < len(self.starts) and epoch >= warmup_end + self.trial_epochs:
+        if 0 <= self.trial < len(self.starts) and epoch >= warmup_end + self.trial_length:
             self._end_trial(trainer, pl_module)
 
     @property
@@ -240,6 +249,23 @@ class EMNoiseEstimation(L.Callback):
         if self._max_epochs is not None and self._max_epochs >= 0:
             fit_loop.max_epochs = self._max_epochs + self.extra_epochs
 
+    def _begin_trials(self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int) -> None:
+        unlimited = self._max_epochs is None or self._max_epochs < 0
+        left = None if unlimited else self._max_epochs - epochs_done
+        self.trial_length = self.trial_epochs if left is None else min(self.trial_epochs, left)
+        longest = max(start.extra_warmup_epochs for start in self.starts)
+        if self.trial_length <= longest:
+            rank_zero_warn(
+                f"EMNoiseEstimation: {left} epochs are left after the warm-up, too few to try {len(self.starts)} EM "
+                f"starts (a start waits up to {longest} more epochs before its first round); this fit runs the "
+                "first start only. Raise Trainer(max_epochs) to try them all."
+            )
+            self.trial, self.kept_start = len(self.starts), 0
+            return
+        self.snapshots["warmup"] = self._capture(trainer, pl_module)
+        self.trial = 0
+        self._extend_fit(trainer.fit_loop)
+
     def _end_trial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         scores = self.validation_scores(trainer, pl_module)
         self.trial_scores.append(scores)
@@ -253,7 +279,7 @@ class EMNoiseEstimation(L.Callback):
             self.snapshots[f"trial_{self.trial}"] = self._capture(trainer, pl_module)
             self._restore(trainer, pl_module, self.snapshots["warmup"])
             self.trial += 1
-            self.epoch_offset += self.trial_epochs
+            self.epoch_offset += self.trial_length
             # A start without extra warm-up has its first round now, on the restored warm-up weights.
             self._run_due_round(trainer, pl_module, self.schedule.warmup_epochs - 1)
             return

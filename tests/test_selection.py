@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,23 @@ def test_figures_draw_every_round_of_every_start(tmp_path: Path) -> None:
     assert figures.em_round_epochs == [0, 1, 2, 3, 4]
     drawn = sorted(path.name for path in (tmp_path / "figures" / "noise_matrix").glob("*.png"))
     assert drawn == [f"round_{index:03d}.png" for index in range(1, 6)]
+
+
+@pytest.mark.parametrize(("max_epochs", "trial_length", "epochs"), [(3, 2, 5), (2, None, 2), (5, 3, 8)])
+def test_a_short_fit_shortens_the_trials_or_tries_the_first_start_only(
+    max_epochs: int, trial_length: int | None, epochs: int
+) -> None:
+    """trial_epochs=3 after a 1-epoch warm-up: 2 epochs left give 2-epoch trials (and 2 more epochs), 4 left the full
+    3; 1 left is not more than start 1's extra warm-up epoch, so only start 0 runs (with a warning)."""
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1, starts=TWO_STARTS, trial_epochs=3)
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[callback])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(small_model(), datamodule())
+    too_short = [w for w in caught if "too few to try 2 EM starts" in str(w.message)]
+    assert trainer.current_epoch == epochs
+    if trial_length is None:
+        assert too_short and callback.kept_start == 0 and callback.trial_scores == []
+    else:
+        assert not too_short and callback.trial_length == trial_length and len(callback.trial_scores) == 2
