@@ -59,15 +59,16 @@ class EMNoiseEstimation(L.Callback):
             (:func:`noisy_lightning.em.balanced_assignment`).
         hold_initial_rounds: rounds (>= 0) that keep theta at its initialisation.
         starts: ways to start EM after the warm-up (:class:`~noisy_lightning.em.EMStart`: extra epochs on the
-            given labels, then an initialisation). ``None`` is one start, ``EMStart(0, initialisation)``. With
-            several, the fit tries each from the same warm-up state for ``trial_epochs`` epochs, restoring the
-            weights, optimiser, learning-rate schedule and EM state between trials, and continues the trial whose
-            network explains the validation split's *given* labels best (``selection_metric``; no clean label is
-            read). The Trainer's ``max_epochs`` grows by ``(len(starts) - 1) * trial_epochs``, so the kept trial
-            trains for as many epochs as a single-start fit would.
+            given labels, then an initialisation). ``None``: :data:`~noisy_lightning.em.DEFAULT_STARTS`, the first
+            with ``initialisation``; ``[EMStart(0, initialisation)]`` is a single start. With several, the fit
+            tries each from the same warm-up state for ``trial_epochs`` epochs, restoring the weights, optimiser,
+            learning-rate schedule and EM state between trials, and continues the trial whose network explains the
+            validation split's *given* labels best (``selection_metric``; no clean label is read). The Trainer's
+            ``max_epochs`` grows by ``(len(starts) - 1) * trial_epochs``, so the kept start trains for as many
+            epochs as a single-start fit would. Other callbacks see every epoch, the tried ones included.
         trial_epochs: epochs after the warm-up that each start is fitted before the choice (longer than every
-            start's ``extra_warmup_epochs``). A fit with fewer epochs left after the warm-up gives each trial what is
-            left; one with no more left than the longest extra warm-up tries the first start only, and warns.
+            start's ``extra_warmup_epochs``). A fit with fewer epochs than this left after the warm-up runs the first
+            start only, and says so.
         selection_metric: ``"noisy_accuracy"`` (higher is better) or ``"noisy_nll"`` (lower is better), on the
             validation split (:func:`noisy_lightning.em.noisy_label_fit`).
 
@@ -110,7 +111,12 @@ class EMNoiseEstimation(L.Callback):
         if noise_matrix_from == "validation" and e_step != "inference":
             raise ValueError("noise_matrix_from='validation' needs e_step='inference' (validation is never trained on)")
         self.initialisation = check_choice("initialisation", initialisation, em.INITIALISATIONS)
-        self.starts = tuple(starts) if starts is not None else (em.EMStart(0, initialisation),)
+        self._starts_given = starts is not None
+        if starts is None:
+            # The default starts are chosen by the validation split, which an M-step on that split would also read.
+            later = em.DEFAULT_STARTS[1:] if noise_matrix_from == "train" else ()
+            starts = (em.EMStart(0, initialisation), *later)
+        self.starts = tuple(starts) if isinstance(starts, (list, tuple)) else ()
         if not self.starts or not all(isinstance(start, em.EMStart) for start in self.starts):
             raise ValueError(f"starts must be a non-empty list of EMStart, got {starts!r}")
         self.trial_epochs = check_int("trial_epochs", trial_epochs, 1)
@@ -144,7 +150,6 @@ class EMNoiseEstimation(L.Callback):
         "rounds_run",
         "trial",
         "kept_start",
-        "trial_length",
         "epoch_offset",
         "trial_scores",
         "snapshots",
@@ -158,7 +163,7 @@ class EMNoiseEstimation(L.Callback):
     @property
     def extra_epochs(self) -> int:
         """Epochs that the trials of the starts that are not kept add to the fit."""
-        return (len(self.starts) - 1) * self.trial_length
+        return (len(self.starts) - 1) * self.trial_epochs
 
     def _reset(self) -> None:
         self._reset_em()
@@ -166,7 +171,6 @@ class EMNoiseEstimation(L.Callback):
         # Trials: -1 before the warm-up ends, i during the trial of starts[i], len(starts) once one is kept.
         self.trial = -1 if self.selects else len(self.starts)
         self.kept_start = 0 if not self.selects else -1
-        self.trial_length = self.trial_epochs  # shortened at the warm-up's end when the fit has fewer epochs left
         self.epoch_offset = 0  # trainer epochs spent in trials that were not kept (and, during a trial, before it)
         self.trial_scores: list[dict[str, float]] = []
         self.snapshots: dict[str, dict[str, Any]] = {}
@@ -227,7 +231,7 @@ class EMNoiseEstimation(L.Callback):
         if self.trial == -1 and epoch >= warmup_end:
             self._begin_trials(trainer, pl_module, epochs_done=epoch + 1)
         self._run_due_round(trainer, pl_module, epoch)
-        if 0 <= self.trial < len(self.starts) and epoch >= warmup_end + self.trial_length:
+        if 0 <= self.trial < len(self.starts) and epoch >= warmup_end + self.trial_epochs:
             self._end_trial(trainer, pl_module)
 
     @property
@@ -250,16 +254,15 @@ class EMNoiseEstimation(L.Callback):
             fit_loop.max_epochs = self._max_epochs + self.extra_epochs
 
     def _begin_trials(self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int) -> None:
-        unlimited = self._max_epochs is None or self._max_epochs < 0
-        left = None if unlimited else self._max_epochs - epochs_done
-        self.trial_length = self.trial_epochs if left is None else min(self.trial_epochs, left)
-        longest = max(start.extra_warmup_epochs for start in self.starts)
-        if self.trial_length <= longest:
-            rank_zero_warn(
-                f"EMNoiseEstimation: {left} epochs are left after the warm-up, too few to try {len(self.starts)} EM "
-                f"starts (a start waits up to {longest} more epochs before its first round); this fit runs the "
-                "first start only. Raise Trainer(max_epochs) to try them all."
+        left = None if self._max_epochs is None or self._max_epochs < 0 else self._max_epochs - epochs_done
+        if left is not None and left < self.trial_epochs:
+            message = (
+                f"EMNoiseEstimation: {left} epochs are left after the warm-up, fewer than trial_epochs="
+                f"{self.trial_epochs}, so this fit runs the first of its {len(self.starts)} EM starts only. "
+                f"Trainer(max_epochs >= {epochs_done + self.trial_epochs}) tries them all."
             )
+            # The default starts are the library's choice, not the user's: saying so once is enough.
+            (rank_zero_warn if self._starts_given else rank_zero_info)(message)
             self.trial, self.kept_start = len(self.starts), 0
             return
         self.snapshots["warmup"] = self._capture(trainer, pl_module)
@@ -279,7 +282,7 @@ class EMNoiseEstimation(L.Callback):
             self.snapshots[f"trial_{self.trial}"] = self._capture(trainer, pl_module)
             self._restore(trainer, pl_module, self.snapshots["warmup"])
             self.trial += 1
-            self.epoch_offset += self.trial_length
+            self.epoch_offset += self.trial_epochs
             # A start without extra warm-up has its first round now, on the restored warm-up weights.
             self._run_due_round(trainer, pl_module, self.schedule.warmup_epochs - 1)
             return
@@ -392,7 +395,8 @@ class EMNoiseEstimation(L.Callback):
         for name in self._STATE:
             if name in state_dict:  # a checkpoint written before trials existed has no trial state: one start
                 setattr(self, name, state_dict[name])
-        if self.selects and self.trial >= 0 and self._fit_loop is not None:
+        trials_began = bool(self.snapshots or self.trial_scores)  # not when a short fit ran one start only
+        if trials_began and self._fit_loop is not None:
             # max_epochs comes from the Trainer, not the checkpoint: a fit resumed after its trials began needs
             # the same extension, before the fit loop decides that it is already done.
             self._extend_fit(self._fit_loop)

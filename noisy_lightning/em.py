@@ -291,6 +291,12 @@ class EMStart:
             )
 
 
+# The starts that EMNoiseEstimation tries by default: the warm-up's end with the hard confusion, and 4 epochs later
+# with the balanced assignment, which rescues the draws of near-50% asymmetric noise where the argmax merges two
+# classes (benchmarks/results/em_starts.md).
+DEFAULT_STARTS: tuple[EMStart, ...] = (EMStart(0, "hard_confusion"), EMStart(4, "balanced"))
+
+
 def noisy_label_fit(class_probs: Tensor, noise_matrix: Tensor, given_labels: Tensor) -> dict[str, float]:
     """How well ``p(y | x)`` and ``theta`` explain given labels that the network was not trained on.
 

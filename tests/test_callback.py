@@ -7,7 +7,7 @@ import torch
 from helpers import FrozenClassifier, quiet_trainer
 from torch import nn
 
-from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning import MLP, EMNoiseEstimation, EMStart, NoisyLabelClassifier, NoisyLabelDataModule
 from noisy_lightning import em as em_math
 
 
@@ -229,7 +229,7 @@ def test_train_pass_e_step_runs_and_uses_every_training_sample(monkeypatch: pyte
 def test_convergence_stop(hold: int) -> None:
     L.seed_everything(0)
     # Any change is below 1, so the second round that updates theta stops the run; held rounds do not count.
-    callback = EMNoiseEstimation(warmup_epochs=1, convergence_tol=1.0, hold_initial_rounds=hold)
+    callback = EMNoiseEstimation(warmup_epochs=1, convergence_tol=1.0, hold_initial_rounds=hold, starts=[EMStart()])
     trainer = quiet_trainer(max_epochs=10, callbacks=[callback])
     trainer.fit(FrozenClassifier(method="em"), NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3))
     assert callback.rounds == hold + 2 and trainer.current_epoch == hold + 2
@@ -412,3 +412,6 @@ def test_defaults_are_the_measured_recipe() -> None:
     callback = EMNoiseEstimation()
     assert callback.schedule == em_math.EMSchedule(warmup_epochs=6, every_n_epochs=1, hold_initial_rounds=3)
     assert (callback.e_step, callback.initialisation) == ("inference", "hard_confusion")
+    # Two starts from one warm-up, one kept by the noisy validation labels (benchmarks/results/em_starts.md).
+    assert callback.starts == (EMStart(0, "hard_confusion"), EMStart(4, "balanced")) == em_math.DEFAULT_STARTS
+    assert (callback.trial_epochs, callback.selection_metric) == (8, "noisy_accuracy")
