@@ -24,6 +24,7 @@ finishes and the ``.md`` is rewritten, so the script can be stopped and started 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -232,7 +233,7 @@ def fit_one(dataset: str, entry: SuiteMatrix, method: str, seed: int) -> dict[st
 
 # ---- the table ----------------------------------------------------------------------------------------------------
 def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -> None:
-    runs = read_table(csv_path)
+    runs = sorted(read_table(csv_path), key=lambda run: FAMILIES.index(run["family"]))  # stable within a family
     by_matrix: dict[str, dict[str, Mapping[str, str]]] = {}
     for run in runs:
         by_matrix.setdefault(run["matrix"], {})[run["method"]] = run
@@ -298,6 +299,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results stem (default results/noise_suite_<dataset>)")
     parser.add_argument("--list", action="store_true", help="print the suite's matrices and stop")
     parser.add_argument("--write-matrices", action="store_true", help="write results/noise_suite_matrices.json")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="fit the families' matrices in turn (one of each, then the next of each), so that a run cut short "
+        "covers every family",
+    )
     return parser.parse_args()
 
 
@@ -325,6 +332,9 @@ def main(fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_on
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     torch.set_float32_matmul_precision("high")
     done = {(run["matrix"], run["method"], run["seed"]) for run in read_table(csv_path)}
+    if args.interleave:
+        by_family = [[entry for entry in matrices if entry.family == family] for family in args.families]
+        matrices = [entry for group in itertools.zip_longest(*by_family) for entry in group if entry is not None]
     for entry in matrices:
         for method in args.methods:
             if (entry.name, method, str(args.seed)) in done:
