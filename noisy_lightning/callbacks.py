@@ -24,7 +24,6 @@ from noisy_lightning.checks import check_choice, check_float, check_int, check_o
 from noisy_lightning.contract import NoisyLabelData, require_noisy_label_data
 
 EStepSource = Literal["inference", "train_pass"]
-SelectionMetric = Literal["noisy_accuracy", "noisy_nll"]
 
 
 class EMNoiseEstimation(L.Callback):
@@ -63,14 +62,15 @@ class EMNoiseEstimation(L.Callback):
             with ``initialisation``; ``[EMStart(0, initialisation)]`` is a single start. With several, the fit
             tries each from the same warm-up state for ``trial_epochs`` epochs, restoring the weights, optimiser,
             learning-rate schedule and EM state between trials, and continues the trial whose network explains the
-            validation split's *given* labels best (``selection_metric``; no clean label is read). The Trainer's
+            validation split's *given* labels significantly better (``min_z``; no clean label is read). The Trainer's
             ``max_epochs`` grows by ``(len(starts) - 1) * trial_epochs``, so the kept start trains for as many
             epochs as a single-start fit would. Other callbacks see every epoch, the tried ones included.
         trial_epochs: epochs after the warm-up that each start is fitted before the choice (longer than every
             start's ``extra_warmup_epochs``). A fit with fewer epochs than this left after the warm-up runs the first
             start only, and says so.
-        selection_metric: ``"noisy_accuracy"`` (higher is better) or ``"noisy_nll"`` (lower is better), on the
-            validation split (:func:`noisy_lightning.em.noisy_label_fit`).
+        min_z: how much better a later start must agree with the validation split's given labels than the start
+            kept so far to replace it, as the paired (McNemar) statistic of :func:`noisy_lightning.em.choose_start`
+            (>= 0; 0 keeps whichever agrees most often).
 
     Logged each epoch once EM has started: ``em/round``, ``em/theta_change`` and, when the data knows the truth,
     ``em/theta_error``, ``em/theta_max_abs_error``, ``em/label_recovery``, ``em/flip_precision`` and
@@ -94,7 +94,7 @@ class EMNoiseEstimation(L.Callback):
         hold_initial_rounds: int = 3,
         starts: Sequence[em.EMStart] | None = None,
         trial_epochs: int = 8,
-        selection_metric: SelectionMetric = "noisy_accuracy",
+        min_z: float = 1.0,
     ) -> None:
         super().__init__()
         self.schedule = em.EMSchedule(
@@ -126,7 +126,7 @@ class EMNoiseEstimation(L.Callback):
                 f"trial_epochs must be greater than every start's extra_warmup_epochs (so that each trial runs EM), "
                 f"got trial_epochs={trial_epochs} and extra_warmup_epochs={longest}"
             )
-        self.selection_metric = check_choice("selection_metric", selection_metric, ("noisy_accuracy", "noisy_nll"))
+        self.min_z = check_float("min_z", min_z, 0)
         if len(self.starts) > 1 and noise_matrix_from == "validation":
             raise ValueError(
                 "starts with more than one EMStart choose by the validation split, so noise_matrix_from must be "
@@ -152,6 +152,7 @@ class EMNoiseEstimation(L.Callback):
         "kept_start",
         "epoch_offset",
         "trial_scores",
+        "trial_agreements",
         "snapshots",
     )
 
@@ -173,6 +174,7 @@ class EMNoiseEstimation(L.Callback):
         self.kept_start = 0 if not self.selects else -1
         self.epoch_offset = 0  # trainer epochs spent in trials that were not kept (and, during a trial, before it)
         self.trial_scores: list[dict[str, float]] = []
+        self.trial_agreements: list[Tensor] = []  # per trial: which validation samples agree with their given label
         self.snapshots: dict[str, dict[str, Any]] = {}
         self.active = True  # False for a model without an EM noise layer: the callback then does nothing
 
@@ -270,8 +272,9 @@ class EMNoiseEstimation(L.Callback):
         self._extend_fit(trainer.fit_loop)
 
     def _end_trial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        scores = self.validation_scores(trainer, pl_module)
+        scores, agreement = self.validation_fit(trainer, pl_module)
         self.trial_scores.append(scores)
+        self.trial_agreements.append(agreement.cpu())
         start = self.starts[self.trial]
         rank_zero_info(
             f"EMNoiseEstimation: start {self.trial} ({start.extra_warmup_epochs} extra warm-up epochs, "
@@ -286,20 +289,26 @@ class EMNoiseEstimation(L.Callback):
             # A start without extra warm-up has its first round now, on the restored warm-up weights.
             self._run_due_round(trainer, pl_module, self.schedule.warmup_epochs - 1)
             return
-        values = [score[self.selection_metric] for score in self.trial_scores]
-        best = (max if self.selection_metric == "noisy_accuracy" else min)(range(len(values)), key=values.__getitem__)
+        best, statistics = em.choose_start(self.trial_agreements, self.min_z)
+        for score, z in zip(self.trial_scores, statistics, strict=True):
+            score["z_against_kept"] = z
         if best != self.trial:
             self._restore(trainer, pl_module, self.snapshots[f"trial_{best}"])
         self.kept_start, self.trial, self.snapshots = best, len(self.starts), {}
-        rank_zero_info(f"EMNoiseEstimation: keeps start {best} ({self.starts[best]}) by {self.selection_metric}")
+        rank_zero_info(
+            f"EMNoiseEstimation: keeps start {best} ({self.starts[best]}); paired z of each start against the one "
+            f"kept before it: {', '.join(f'{z:.2f}' for z in statistics)} (min_z={self.min_z:g})"
+        )
 
-    def validation_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """:func:`noisy_lightning.em.noisy_label_fit` of the model on the validation split's given labels."""
+    def validation_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict[str, float], Tensor]:
+        """:func:`noisy_lightning.em.noisy_label_fit` of the model on the validation split's given labels, and for
+        each validation sample (in pool order) whether ``argmax p(y | x)`` equals its given label."""
         pool = trainer.datamodule.pool
         sums = inference_probabilities(trainer, pl_module, indices=pool.val_indices)
         probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
         given = pool.given_labels.to(scored.device)[scored]
-        return em.noisy_label_fit(probabilities, pl_module.noise_layer.noise_matrix, given)
+        scores = em.noisy_label_fit(probabilities, pl_module.noise_layer.noise_matrix, given)
+        return scores, probabilities.argmax(dim=1) == given
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Everything a trial changes: the weights and theta, optimiser and schedule states, and EM's progress."""

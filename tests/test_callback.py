@@ -414,4 +414,4 @@ def test_defaults_are_the_measured_recipe() -> None:
     assert (callback.e_step, callback.initialisation) == ("inference", "hard_confusion")
     # Two starts from one warm-up, one kept by the noisy validation labels (benchmarks/results/em_starts.md).
     assert callback.starts == (EMStart(0, "hard_confusion"), EMStart(4, "balanced")) == em_math.DEFAULT_STARTS
-    assert (callback.trial_epochs, callback.selection_metric) == (8, "noisy_accuracy")
+    assert (callback.trial_epochs, callback.min_z) == (8, 1.0)

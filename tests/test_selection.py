@@ -42,7 +42,7 @@ def test_noisy_label_fit_against_its_definition() -> None:
         ({"starts": ["balanced"]}, "starts must be a non-empty list of EMStart"),
         ({"starts": TWO_STARTS, "trial_epochs": 1}, "trial_epochs must be greater than every start's"),
         ({"trial_epochs": 0}, "trial_epochs must be an integer >= 1"),
-        ({"selection_metric": "clean_accuracy"}, "selection_metric must be one of"),
+        ({"min_z": -1.0}, "min_z must be a finite number in \\[0"),
         ({"starts": TWO_STARTS, "noise_matrix_from": "validation"}, "noise_matrix_from must be 'train'"),
     ],
 )
@@ -79,12 +79,13 @@ def test_trials_restore_the_warmup_then_continue_the_kept_start(monkeypatch: pyt
     end; the kept start's EM history is the one left; max_epochs grows by the trial that was not kept."""
     L.seed_everything(0)
     callback = EMNoiseEstimation(warmup_epochs=1, hold_initial_rounds=0, starts=TWO_STARTS, trial_epochs=2)
-    # Rig the scores so that the test chooses which start is kept.
-    monkeypatch.setattr(
-        callback,
-        "validation_scores",
-        lambda trainer, module: {"noisy_accuracy": 0.5 - abs(callback.trial - kept) / 10, "noisy_nll": 1.0},
-    )
+
+    # Rig the validation agreements so that the test chooses which start is kept: the kept one agrees everywhere.
+    def rigged(trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], torch.Tensor]:
+        agrees = callback.trial == kept
+        return {"noisy_accuracy": float(agrees), "noisy_nll": 1.0}, torch.full((400,), agrees)
+
+    monkeypatch.setattr(callback, "validation_fit", rigged)
     seen: dict[str, Any] = {}
     original_capture, original_end_trial = callback._capture, callback._end_trial
 
@@ -128,24 +129,44 @@ def test_trials_restore_the_warmup_then_continue_the_kept_start(monkeypatch: pyt
         assert_same_state(after_choice[0], trial_0_end[0])
         assert after_choice[1:] == trial_0_end[1:]
     assert callback.kept_start == kept and callback.trial == 2 and callback.snapshots == {}
-    assert [round(score["noisy_accuracy"], 3) for score in callback.trial_scores] == [
-        0.5 - kept / 10,
-        0.5 - (1 - kept) / 10,
-    ]
+    assert [score["noisy_accuracy"] for score in callback.trial_scores] == [float(kept == 0), float(kept == 1)]
+    assert callback.trial_scores[1]["z_against_kept"] == pytest.approx(20.0 if kept == 1 else -20.0)
     # 4 epochs as asked, plus the 2 of the trial that was not kept; the kept start ran all its rounds.
     assert trainer.current_epoch == 6
     assert callback.rounds == (4 if kept == 0 else 3) == len(callback.noise_matrix_history)
     assert callback.epoch_offset == 2
 
 
-def test_the_best_start_by_the_metric_is_kept_and_logged() -> None:
+def test_the_start_kept_is_the_one_choose_start_picks_and_is_logged() -> None:
     L.seed_everything(0)
-    callback = EMNoiseEstimation(warmup_epochs=1, starts=TWO_STARTS, trial_epochs=2, selection_metric="noisy_nll")
+    callback = EMNoiseEstimation(warmup_epochs=1, starts=TWO_STARTS, trial_epochs=2, min_z=0.0)
     trainer = quiet_trainer(max_epochs=3, callbacks=[callback])
     trainer.fit(small_model(), datamodule())
-    nll = [score["noisy_nll"] for score in callback.trial_scores]
-    assert len(nll) == 2 and callback.kept_start == nll.index(min(nll))
+    assert len(callback.trial_agreements) == 2 and callback.trial_agreements[0].shape == (400,)
+    assert callback.kept_start == em_math.choose_start(callback.trial_agreements, 0.0)[0]
     assert trainer.callback_metrics["em/start"].item() == callback.kept_start
+
+
+def test_choose_start_prefers_the_first_unless_a_later_one_is_significantly_better() -> None:
+    first = torch.tensor([True] * 90 + [False] * 10)
+    # 4 samples only the second gets right, 1 only the first: z = 3 / sqrt(5) = 1.34
+    second = first.clone()
+    second[90:94] = True
+    second[0] = False
+    assert em_math.choose_start([first, second], 1.0) == (1, [0.0, pytest.approx(3 / 5**0.5)])
+    assert em_math.choose_start([first, second], 1.5)[0] == 0
+    # The third is compared with the start kept so far (the second), not with the first.
+    third = second.clone()
+    third[94:96] = True
+    assert em_math.choose_start([first, second, third], 1.0) == (
+        2,
+        [0.0, pytest.approx(3 / 5**0.5), pytest.approx(2**0.5)],
+    )
+    assert em_math.choose_start([first, first.clone()], 0.0) == (0, [0.0, 0.0])  # identical: no evidence
+    with pytest.raises(ValueError, match="same validation samples"):
+        em_math.choose_start([first, first[:50]], 1.0)
+    with pytest.raises(ValueError, match="min_z must be"):
+        em_math.choose_start([first], -0.5)
 
 
 def test_validation_scores_read_given_labels_only() -> None:
@@ -156,13 +177,15 @@ def test_validation_scores_read_given_labels_only() -> None:
     model = small_model()
     trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
     trainer.fit(model, data)
-    before = callback.validation_scores(trainer, model)
+    before, agreement = callback.validation_fit(trainer, model)
     pool = data.pool
     pool.clean_labels.copy_(pool.clean_labels[torch.randperm(pool.size)])
-    assert callback.validation_scores(trainer, model) == before
+    after, agreement_after = callback.validation_fit(trainer, model)
+    assert after == before and torch.equal(agreement_after, agreement)
     val = pool.val_indices
     pool.given_labels[val] = (pool.given_labels[val] + 1) % 10
-    assert callback.validation_scores(trainer, model)["noisy_accuracy"] != before["noisy_accuracy"]
+    changed, agreement_changed = callback.validation_fit(trainer, model)
+    assert changed["noisy_accuracy"] != before["noisy_accuracy"] and not torch.equal(agreement_changed, agreement)
 
 
 def test_one_start_is_a_plain_fit() -> None:
