@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MEASUREMENT = re.compile(r"\d+\.\d+ ± \d+\.\d+|(?<![\w.])\d+\.\d+%")
-NAMED_FILE = re.compile(r"\b(quality_\w+|compare_\w+|em_variants|quickstart|speed|method_cost)\.md\b")
+NAMED_FILE = re.compile(
+    r"\b(quality_\w+|compare_\w+|noise_suite_\w+|em_variants|em_starts|quickstart|speed|method_cost)\.md\b"
+)
 
 
 def sections(text: str) -> list[tuple[str, str]]:
