@@ -88,7 +88,8 @@ def rows_for(dataset: str) -> tuple[Row, ...]:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that defines a run besides the noise and the seed. The defaults are the library's EM recipe."""
+    """Everything that defines a run besides the noise and the seed. The defaults are the library's EM recipe with a
+    single start; ``starts="two"`` (``--starts two``) adds the library's default second start."""
 
     method: str = "em"
     epochs: int = 30

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning import MLP, EMNoiseEstimation, EMStart, NoisyLabelClassifier, NoisyLabelDataModule
 from noisy_lightning.issues import score_pool
 
 
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--e-step", default="inference")
     parser.add_argument("--kill-at", default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--two-starts", action="store_true", help="try two EM starts (2-epoch trials, 6 epochs)")
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -50,7 +51,14 @@ def main() -> None:
         augment_shift=1,
     )
     # One held round, so that the M-steps of rounds 2 and 3 update theta before the later kill points.
-    em_callback = EMNoiseEstimation(warmup_epochs=1, e_step=args.e_step, hold_initial_rounds=1)
+    # Two starts: epoch 0 warms up, epochs 1-2 try start 0, epochs 3-4 start 1, epoch 5 continues the kept one.
+    starts = {"starts": [EMStart(0, "hard_confusion"), EMStart(1, "balanced")], "trial_epochs": 2}
+    em_callback = EMNoiseEstimation(
+        warmup_epochs=1,
+        e_step=args.e_step,
+        hold_initial_rounds=1,
+        **(starts if args.two_starts else {"starts": [EMStart()]}),  # type: ignore[arg-type]
+    )
     callbacks: list[L.Callback] = [
         em_callback,
         ModelCheckpoint(dirpath=args.out / "checkpoints", every_n_train_steps=1, save_last=True, save_top_k=0),
@@ -78,6 +86,8 @@ def main() -> None:
             "noise_matrix": model.noise_matrix.cpu(),
             "history": em_callback.noise_matrix_history,
             "rounds": em_callback.rounds,
+            "trial_scores": em_callback.trial_scores,
+            "kept_start": em_callback.kept_start,
             "posteriors": score_pool(model, datamodule.pool)[1],
             "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
             "weights": {key: value.cpu() for key, value in model.state_dict().items()},

@@ -44,6 +44,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         completed = run_worker(out, "--e-step", e_step)
         assert completed.returncode == 0, completed.stderr[-4000:]
         results[e_step] = load(out)
+    out = tmp_path_factory.mktemp("uninterrupted-two-starts")
+    completed = run_worker(out, "--e-step", "inference", "--two-starts")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results["two_starts"] = load(out)
     return results
 
 
@@ -53,6 +57,8 @@ def assert_same_run(resumed: dict, reference: dict) -> None:
     assert torch.equal(resumed["noisy_labels"], reference["noisy_labels"])
     assert torch.equal(resumed["val_indices"], reference["val_indices"])
     assert resumed["rounds"] == reference["rounds"]
+    assert resumed["trial_scores"] == reference["trial_scores"]
+    assert resumed["kept_start"] == reference["kept_start"]
     assert len(resumed["history"]) == len(reference["history"])
     for theta, reference_theta in zip(resumed["history"], reference["history"], strict=True):
         assert torch.equal(theta, reference_theta)
@@ -94,6 +100,27 @@ def test_killed_run_resumes_to_the_same_end(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     assert_same_run(load(tmp_path), uninterrupted[e_step])
+
+
+@pytest.mark.parametrize(
+    "kill_at",
+    [
+        "2:5",  # in the first start's trial
+        "3:0",  # after the switch to the second start, before its first step
+        "4:7",  # in the second start's trial, after its first round
+        "5:3",  # after the choice, continuing the kept start
+    ],
+)
+def test_a_run_killed_during_or_after_the_trials_of_two_starts_resumes_to_the_same_end(
+    tmp_path: Path, uninterrupted: dict[str, dict], kill_at: str
+) -> None:
+    killed = run_worker(tmp_path, "--two-starts", "--kill-at", kill_at)
+    assert killed.returncode == -signal.SIGKILL, "the worker was meant to die by SIGKILL"
+    resumed = run_worker(tmp_path, "--two-starts", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    reference = uninterrupted["two_starts"]
+    assert len(reference["trial_scores"]) == 2 and reference["global_step"] == 6 * 15
+    assert_same_run(load(tmp_path), reference)
 
 
 def kill_chains(count: int, seed: int = 0) -> list[list[str]]:

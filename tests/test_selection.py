@@ -197,6 +197,7 @@ def test_one_start_is_a_plain_fit() -> None:
     assert trainer.current_epoch == 3 and callback.rounds == 3 and callback.trial_scores == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [2, 4])
 def test_a_fit_resumed_during_or_after_the_trials_ends_where_an_unbroken_one_does(
     tmp_path: Path, stop_after: int
@@ -241,6 +242,7 @@ def fit_stopping(tmp_path: Path, stop_after: int) -> None:
     quiet_trainer(max_epochs=3, callbacks=[callback, stop], default_root_dir=tmp_path).fit(small_model(), datamodule())
 
 
+@pytest.mark.slow
 def test_figures_draw_every_round_of_every_start(tmp_path: Path) -> None:
     """A later start's rounds count from 1 again; the figures still draw each round once, under its own file."""
     from noisy_lightning import NoisyLabelFigures
