@@ -119,8 +119,9 @@ def write_markdown(csv_path: Path, md_path: Path, metadata: str) -> None:
         "One `Trainer.fit` per cell, the library's recipe, 30 epochs for the kept start. Clean test accuracy (%) and "
         "theta error (||theta - T||_1 / ||T||_1) at the end; `kept` is the start that the validation split's given "
         "labels chose (0: no extra warm-up, hard-confusion initialisation; 1: 4 extra warm-up epochs, balanced "
-        "initialisation), with each trial's noisy-label accuracy; the cost is the two-start fit's time over the "
-        "one-start fit's, same noise and seed, measured one after the other on the machine named above.",
+        "initialisation), with each trial's noisy-label accuracy; the cost is the two-start fit's wall time over the "
+        "one-start fit's, same noise and seed, measured one after the other on the machine named above (a fit that "
+        "shared the machine with other work shows it in its time).",
         "",
         "| dataset | noise | seed | one start (%) | theta error | two starts (%) | theta error | kept | trial noisy "
         "accuracies | cost (x one start) |",
