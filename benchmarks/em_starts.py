@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -127,20 +126,16 @@ def write_markdown(csv_path: Path, md_path: Path, metadata: str) -> None:
         "accuracies | cost (x one start) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ratios = []
-    for (dataset, row, seed), configurations in by_case.items():
+    ordered = sorted(by_case.items(), key=lambda item: (item[0][0], item[0][1], int(item[0][2])))
+    for (dataset, row, seed), configurations in ordered:
         one, two = configurations.get("one start"), configurations.get("two starts")
         ratio = float(two["fit_seconds"]) / float(one["fit_seconds"]) if one and two else None
-        if ratio is not None:
-            ratios.append(ratio)
         cells = [dataset, row.replace("_", " ") + "%", seed]
         for run in (one, two):
             cells += [f"{100 * float(run['test_acc']):.2f}", f"{float(run['theta_error']):.3f}"] if run else ["-", "-"]
         cells += [two["kept_start"], two["trial_scores"]] if two else ["-", "-"]
         cells.append(f"{ratio:.2f}" if ratio is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    if ratios:
-        lines += ["", f"Median cost of two starts over {len(ratios)} pairs: {statistics.median(ratios):.2f}x one fit."]
     write_text(md_path, lines)
 
 

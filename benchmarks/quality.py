@@ -164,7 +164,7 @@ UNIFORM, PAIR_FLIP, PERMUTATION = ("uniform", 0.5), ("pair_flip", 0.45), ("permu
 SEEDS_3, SEEDS_6, SEEDS_9 = tuple(range(3)), tuple(range(6)), tuple(range(9))
 
 # The levers of EM, measured rather than assumed; the failing ones are kept on purpose. The first group is measured
-# on uniform 50% (the original notebook's noise), one lever at a time around the default recipe; the second on
+# on uniform 50% (the original notebook's noise), one lever at a time around the single-start recipe; the second on
 # asymmetric noise, where EM collapses or merges classes unless theta starts from a good confusion estimate. Seeds
 # 0-5 of the asymmetric rows were the ones the failures were diagnosed on; seeds 6-8 played no part in choosing.
 VARIANTS = (
@@ -184,29 +184,29 @@ VARIANTS = (
         DEFAULT_EM.but(em_targets="stored"),
     ),
     Variant(
-        "default recipe: online posteriors + dropout 0.5 + shift 2, hard init, 3 held rounds, 6-epoch warm-up",
+        "single-start recipe: online posteriors + dropout 0.5 + shift 2, hard init, 3 held rounds, 6-epoch warm-up",
         *UNIFORM,
         DEFAULT_EM,
         SEEDS_3,
     ),
     Variant(
-        "default recipe without held rounds (theta M-step from the first round)",
+        "single-start recipe without held rounds (theta M-step from the first round)",
         *UNIFORM,
         DEFAULT_EM.but(hold_initial_rounds=0),
     ),
     Variant(
-        "default recipe, theta M-step on the validation split",
+        "single-start recipe, theta M-step on the validation split",
         *UNIFORM,
         DEFAULT_EM.but(noise_matrix_from="validation"),
     ),
     Variant(
-        "default recipe, E-step from the training pass",
+        "single-start recipe, E-step from the training pass",
         *UNIFORM,
         DEFAULT_EM.but(e_step="train_pass"),
     ),
     # The learning curve of the default on seed 0 still rose at epoch 30, on the noisy validation labels too.
     Variant(
-        "default recipe, 50 epochs (the cosine schedule stretched over 50)",
+        "single-start recipe, 50 epochs (the cosine schedule stretched over 50)",
         *UNIFORM,
         DEFAULT_EM.but(epochs=50),
         SEEDS_3,
@@ -233,7 +233,7 @@ VARIANTS = (
         SEEDS_6,
     ),
     Variant(
-        "pair-flip 45%: hard init, 3 held rounds, 6-epoch warm-up (default recipe)",
+        "pair-flip 45%: hard init, 3 held rounds, 6-epoch warm-up (single-start recipe)",
         *PAIR_FLIP,
         DEFAULT_EM,
         SEEDS_6,
@@ -251,7 +251,7 @@ VARIANTS = (
         SEEDS_6,
     ),
     Variant(
-        "permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (default recipe)",
+        "permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (single-start recipe)",
         *PERMUTATION,
         DEFAULT_EM,
         SEEDS_9,
@@ -276,7 +276,7 @@ VARIANTS = (
     ),
     # Symmetric 80%, where EM ends below cross-entropy with theta drifting toward the identity: theta kept at its
     # initialisation, and theta estimated on the validation split, which the network never fits.
-    Variant("symmetric 80%: default recipe", "symmetric", 0.8, DEFAULT_EM),
+    Variant("symmetric 80%: single-start recipe", "symmetric", 0.8, DEFAULT_EM),
     Variant(
         "symmetric 80%: theta kept at its initialisation (freeze_noise_matrix_after=3)",
         "symmetric",
@@ -303,19 +303,19 @@ VARIANT_BY_NAME = {variant.name: variant for variant in VARIANTS}
 # noisy-validation accuracy (what a user without clean labels can do with two or three fits). The lookups fail at
 # import when a name is not in the table.
 VARIANT_SELECTIONS: dict[str, tuple[Variant, ...]] = {
-    "uniform 50%: default recipe, 30 or 50 epochs, picked per seed by noisy-validation accuracy": (
+    "uniform 50%: single-start recipe, 30 or 50 epochs, picked per seed by noisy-validation accuracy": (
         VARIANT_BY_NAME[
-            "default recipe: online posteriors + dropout 0.5 + shift 2, hard init, 3 held rounds, 6-epoch warm-up"
+            "single-start recipe: online posteriors + dropout 0.5 + shift 2, hard init, 3 held rounds, 6-epoch warm-up"
         ],
-        VARIANT_BY_NAME["default recipe, 50 epochs (the cosine schedule stretched over 50)"],
+        VARIANT_BY_NAME["single-start recipe, 50 epochs (the cosine schedule stretched over 50)"],
     ),
     "permutation 46%: 6- or 10-epoch warm-up (hard init), picked per seed by noisy-validation accuracy": (
-        VARIANT_BY_NAME["permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (default recipe)"],
+        VARIANT_BY_NAME["permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (single-start recipe)"],
         VARIANT_BY_NAME["permutation 46%: hard init, 10-epoch warm-up"],
     ),
     "permutation 46%: 6-epoch warm-up and 30 or 50 epochs, or 10-epoch warm-up and 30, picked per seed by "
     "noisy-validation accuracy": (
-        VARIANT_BY_NAME["permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (default recipe)"],
+        VARIANT_BY_NAME["permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (single-start recipe)"],
         VARIANT_BY_NAME["permutation 46%: hard init, 10-epoch warm-up"],
         VARIANT_BY_NAME["permutation 46%: hard init, 6-epoch warm-up, 50 epochs"],
     ),

@@ -234,7 +234,7 @@ def test_relabel_renames_variants_marks_copies_and_changes_no_measurement(
     table without saying so, no provenance columns, and the machine on a line of the .md."""
     q = quality()
     legacy_columns = [*q.RUN_COLUMNS, *q.MEASURED]
-    default = q.VARIANT_BY_NAME["permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (default recipe)"]
+    default = q.VARIANT_BY_NAME["permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (single-start recipe)"]
     balanced = q.VARIANT_BY_NAME["permutation 46%: balanced init, 3 held rounds, 10-epoch warm-up"]
 
     def legacy(name: str, seed: int, recipe: object, test: float) -> dict[str, str]:
