@@ -225,6 +225,14 @@ class EMNoiseEstimation(L.Callback):
             values |= {f"em/{key}": value for key, value in self.metrics.items()}
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.active and 0 <= self.trial < len(self.starts):
+            rank_zero_warn(
+                f"EMNoiseEstimation: the fit stopped during the trial of EM start {self.trial} (early stopping, a time "
+                "limit or an interruption), before a start was chosen: the model is that trial's state. Resume the "
+                "fit from its checkpoint to finish the trials."
+            )
+
     def _end_of_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, through_epoch: int) -> None:
         if not self.active:
             return
@@ -257,12 +265,18 @@ class EMNoiseEstimation(L.Callback):
 
     def _begin_trials(self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int) -> None:
         left = None if self._max_epochs is None or self._max_epochs < 0 else self._max_epochs - epochs_done
-        if left is not None and left < self.trial_epochs:
+        message = ""
+        if left is None or left < self.trial_epochs:
             message = (
                 f"EMNoiseEstimation: {left} epochs are left after the warm-up, fewer than trial_epochs="
                 f"{self.trial_epochs}, so this fit runs the first of its {len(self.starts)} EM starts only. "
                 f"Trainer(max_epochs >= {epochs_done + self.trial_epochs}) tries them all."
             )
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            # A step budget would be spent on the trials instead of the kept start.
+            message = f"EMNoiseEstimation: Trainer(max_steps={trainer.max_steps}) limits the fit by steps, so it runs "
+            message += f"the first of its {len(self.starts)} EM starts only."
+        if message:
             # The default starts are the library's choice, not the user's: saying so once is enough.
             (rank_zero_warn if self._starts_given else rank_zero_info)(message)
             self.trial, self.kept_start = len(self.starts), 0
@@ -402,8 +416,11 @@ class EMNoiseEstimation(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name in self._STATE:
-            if name in state_dict:  # a checkpoint written before trials existed has no trial state: one start
+            if name in state_dict:
                 setattr(self, name, state_dict[name])
+        if "trial" not in state_dict and self.rounds > 0:
+            # A checkpoint written before starts existed, after EM began: that fit is its first start.
+            self.trial, self.kept_start, self.rounds_run, self.epoch_offset = len(self.starts), 0, self.rounds, 0
         trials_began = bool(self.snapshots or self.trial_scores)  # not when a short fit ran one start only
         if trials_began and self._fit_loop is not None:
             # max_epochs comes from the Trainer, not the checkpoint: a fit resumed after its trials began needs

@@ -273,8 +273,8 @@ class EMStart:
     """One way to start EM after the shared warm-up: more epochs on the given labels, then an initialisation.
 
     :class:`~noisy_lightning.callbacks.EMNoiseEstimation` given several starts fits each of them for a trial of
-    the same length from the same warm-up state and keeps the one whose network explains the validation split's
-    given labels best (:func:`noisy_label_fit`).
+    the same length from the same warm-up state and keeps one by :func:`choose_start`: the first, unless a later
+    start agrees with the validation split's given labels significantly more often.
 
     Args:
         extra_warmup_epochs: epochs on the given labels after the shared warm-up and before the first round (>= 0).
@@ -334,9 +334,9 @@ def noisy_label_fit(class_probs: Tensor, noise_matrix: Tensor, given_labels: Ten
     """How well ``p(y | x)`` and ``theta`` explain given labels that the network was not trained on.
 
     ``noisy_accuracy = mean_t 1[argmax_i p(i | x_t) = z_t]`` and ``noisy_nll = -mean_t log sum_i p(i | x_t)
-    theta[i, z_t]``. Both use the given labels only. When ``theta`` is diagonally dominant
-    (``theta[i, i] > theta[k, i]`` for ``k != i``), a classifier that is right more often on the true labels also
-    agrees more often with the given ones, so ``noisy_accuracy`` ranks networks as their clean accuracy would.
+    theta[i, z_t]``. Both use the given labels only. In expectation ``noisy_accuracy`` is ``sum_{y, k} P(y, argmax =
+    k) theta[y, k]``: a right prediction earns ``theta[y, y]`` and a wrong one ``theta[y, k]``, so with a diagonally
+    dominant ``theta`` it usually, though not always, ranks two networks as their clean accuracy would.
     """
     check_log_probs(class_probs.clamp_min(1e-30).log(), "class_probs")
     labels = given_labels.long()

@@ -21,6 +21,7 @@ from types import ModuleType
 import pytest
 
 from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning import em as em_math
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -160,16 +161,22 @@ def _write(path: Path, runs: list[dict[str, str]]) -> None:
 
 
 def test_default_recipe_is_the_librarys_default() -> None:
-    """The tables call the recipe of ``Recipe()`` the default: it must be what the library does when not told."""
+    """``Recipe(starts="two")`` is what the library does when not told; ``Recipe()`` differs only by its one start."""
 
     def defaults(function: object) -> dict[str, object]:
         return {name: p.default for name, p in inspect.signature(function).parameters.items()}
 
     library = defaults(NoisyLabelClassifier) | defaults(EMNoiseEstimation) | defaults(MLP)
     library |= {"batch_size": defaults(NoisyLabelDataModule)["batch_size"], "method": "em"}
-    recipe = dataclasses.asdict(quality().DEFAULT_EM)
+    recipe = dataclasses.asdict(quality().DEFAULT_EM.but(starts="two"))
     recipe.pop("epochs")  # the Trainer's, not the library's
+    starts = recipe.pop("starts")
     assert recipe == {key: library[key] for key in recipe}
+    # "two" runs the library's default starts and trial length; None in the library means exactly those.
+    two = quality().TWO_STARTS
+    assert starts == "two" and library["starts"] is None
+    assert tuple(two["starts"]) == em_math.DEFAULT_STARTS and two["trial_epochs"] == library["trial_epochs"]
+    assert EMNoiseEstimation().starts == em_math.DEFAULT_STARTS
 
 
 def test_variants_are_named_by_what_they_are() -> None:
