@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -325,14 +326,17 @@ class EMNoiseEstimation(L.Callback):
         return scores, probabilities.argmax(dim=1) == given
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Everything a trial changes: the weights and theta, optimiser and schedule states, and EM's progress."""
-        return _cpu_copy(
+        """Everything a trial changes: the weights and theta, optimiser and schedule states, and EM's progress, with
+        every tensor cloned to the CPU (the containers are rebuilt, so nothing aliases the live state)."""
+        return apply_to_collection(
             {
                 "model": pl_module.state_dict(),
                 "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
                 "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
                 "em": {name: getattr(self, name) for name in self._EM_STATE},
-            }
+            },
+            Tensor,
+            lambda tensor: tensor.detach().cpu().clone(),
         )
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, Any]) -> None:
@@ -561,17 +565,6 @@ def inference_probabilities(
     finally:
         pl_module.train(was_training)
     return sums
-
-
-def _cpu_copy(value: Any) -> Any:
-    """A deep copy of nested dicts, lists and tuples with every tensor cloned to the CPU."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {key: _cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(item) for item in value)
-    return copy.deepcopy(value)
 
 
 def _mask(indices: Tensor, scored: Tensor) -> Tensor:
