@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import multiprocessing
 import os
 import platform
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import torch
@@ -26,6 +28,8 @@ from noisy_lightning.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+J = TypeVar("J")
+R = TypeVar("R")
 
 # A benchmark's own lines are its output: no logger, checkpoints, progress bar, model summary or sanity pass.
 QUIET_TRAINER: dict[str, object] = {
@@ -141,3 +145,43 @@ def provenance(runs: Sequence[Mapping[str, str]]) -> list[str]:
     lines = ["Runs, by the `command`, `commit` and `machine` columns of the CSV:", ""]
     lines += [f"- {count} by `{command}` at commit {at} on {on};" for (command, at, on), count in counts.items()]
     return [*lines, ""] if counts else []
+
+
+# ---- running fits side by side --------------------------------------------------------------------------------------
+def threads_per_worker(workers: int) -> int:
+    """The torch threads of each of ``workers`` processes sharing this machine's logical CPUs."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: Sequence[J], measure: Callable[[J], R], workers: int = 1) -> Iterator[tuple[J, R]]:
+    """``(job, measure(job))`` for every job, in the order they finish.
+
+    With ``workers == 1`` the jobs run one after another in this process. With more, each runs in one of ``workers``
+    spawned processes with :func:`threads_per_worker` torch threads (a GPU, if the fits use one, is shared by all),
+    and only this process sees the results: it stays the single writer of the results files, so a run stopped
+    halfway leaves whole rows. ``measure`` and the jobs must then be picklable (a module-level function).
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be at least 1")
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, measure(job)
+        return
+    # spawn, not fork: a forked CUDA context is unusable, and fork would copy this process's torch threads.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_start_worker, initargs=(threads_per_worker(workers),)) as pool:
+        yield from pool.imap_unordered(_JobRunner(measure), jobs)
+
+
+class _JobRunner:
+    """A picklable ``job -> (job, measure(job))`` for the pool."""
+
+    def __init__(self, measure: Callable[[J], R]) -> None:
+        self.measure = measure
+
+    def __call__(self, job: J) -> tuple[J, R]:
+        return job, self.measure(job)

@@ -25,6 +25,7 @@ flips of the training split, and the theta error of cleanlab's own estimate
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -48,6 +49,8 @@ from common import (
     metadata_line,
     provenance,
     read_table,
+    run_jobs,
+    threads_per_worker,
     write_text,
 )
 
@@ -98,6 +101,7 @@ RECIPE = {"epochs": 30, "batch_size": 256, "lr": 1e-3, "hidden_sizes": [500, 300
 METHODS = ("ce", "em", "forward", "forward_oracle", "backward", "nal", "gce", "coteaching", "cleanlearning")
 ESTIMATES_T = {"em", "forward", "backward", "nal", "coteaching", "cleanlearning"}
 CV_FOLDS = 5
+ACCELERATOR = "cpu"  # every fit's; --accelerator sets it, in each worker process too
 
 COLUMNS = [
     "dataset",
@@ -135,7 +139,9 @@ def make_model(method: str) -> tuple[L.LightningModule, list[L.Callback]]:
 
 
 def fit(model: L.LightningModule, datamodule: L.LightningDataModule, callbacks: list[L.Callback]) -> float:
-    trainer = L.Trainer(accelerator="cpu", max_epochs=RECIPE["epochs"], callbacks=callbacks, **QUIET_TRAINER)
+    trainer = L.Trainer(
+        accelerator=ACCELERATOR, devices=1, max_epochs=RECIPE["epochs"], callbacks=callbacks, **QUIET_TRAINER
+    )
     started = time.perf_counter()
     trainer.fit(model, datamodule)
     return time.perf_counter() - started
@@ -276,6 +282,13 @@ def mean_cell(runs: Sequence[Mapping[str, str]], key: str, digits: int = 3, scal
     return f"{scale * statistics.mean(values):.{digits}f}" if values else "-"
 
 
+def time_ratio_cell(runs: Sequence[Mapping[str, str]], baseline: Sequence[Mapping[str, str]]) -> str:
+    """Mean over seeds of a method's fit time over the CE fit's, pairing only fits of one seed on one machine."""
+    base = {(run["seed"], run["machine"]): float(run["fit_seconds"]) for run in baseline}
+    ratios = [float(run["fit_seconds"]) / base[key] for run in runs if (key := (run["seed"], run["machine"])) in base]
+    return f"{statistics.mean(ratios):.2f}" if ratios else "-"
+
+
 def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -> None:
     runs = read_table(csv_path)
     methods = [method for method in METHODS if any(run["method"] == method for run in runs)]
@@ -313,20 +326,16 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
         lines.append(f"| {row} | " + " | ".join(mean_cell(of(row, m), "theta_error") for m in estimating) + " |")
     lines += [
         "",
-        "Wall time of each method's fit as a ratio to the cross-entropy fit of the same noise and seeds "
-        "(cleanlearning: its five cross-validation fits and its final fit together). The fits ran one after another "
-        "on a machine that other work shared at times, so compare these loosely; `method_cost.md` times the methods "
-        "side by side.",
+        "Wall time of each method's fit as a ratio to the cross-entropy fit of the same noise and seed on the same "
+        "machine, mean over those seeds (cleanlearning: its five cross-validation fits and its final fit together). "
+        "The fits ran one after another, or several at a time where the `machine` column says so, on machines that "
+        "other work shared at times, so compare these loosely; `method_cost.md` times the methods side by side.",
         "",
         "| noise | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
     for row in rows:
-        base = numbers(of(row, "ce"), "fit_seconds")
-        cells = []
-        for method in methods:
-            seconds = numbers(of(row, method), "fit_seconds")
-            cells.append(f"{statistics.mean(seconds) / statistics.mean(base):.2f}" if seconds and base else "-")
+        cells = [time_ratio_cell(of(row, method), of(row, "ce")) for method in methods]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if any(of(row, "cleanlearning") for row in rows):
         lines += [
@@ -362,7 +371,15 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=None, help="results stem (default results/compare_<dataset>)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the CSV and stop")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="fits at a time, each in its own process (they share a GPU)"
+    )
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: no CUDA device is visible")
     known = {row.name for row in ROWS} | {"suite"}
     unknown = set(args.rows) - known
     if unknown:
@@ -370,55 +387,75 @@ def parse_arguments() -> argparse.Namespace:
     return args
 
 
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    row: Row
+    method: str
+    seed: int
+    accelerator: str
+
+
+def measure(job: Job, run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_method) -> dict[str, object]:
+    """One fit of ``job``: its seed, its noisy DataModule, then ``run``'s measurements and the realised flip rate."""
+    global ACCELERATOR
+    ACCELERATOR = job.accelerator
+    torch.set_float32_matmul_precision("high")
+    L.seed_everything(job.seed, verbose=False)
+    datamodule = NoisyLabelDataModule(
+        dataset=job.dataset,
+        noise_type=job.row.noise_type,
+        noise_rate=job.row.noise_rate,
+        transition_matrix=job.row.transition_matrix,
+        seed=job.seed,
+        batch_size=RECIPE["batch_size"],
+    )
+    datamodule.setup("fit")
+    return {"flip_rate": datamodule.corruption.flip_rate, **run(job.method, datamodule)}
+
+
 def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_method) -> None:
     args = parse_arguments()
     stem = args.out or RESULTS / f"compare_{args.dataset}"
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    measured_by = {"commit": commit(), "machine": machine(), "command": command_line()}
+    if args.workers > 1:  # the machine column says how the fits shared it
+        torch.set_num_threads(threads_per_worker(args.workers))
+    on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
+    measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     if args.markdown_only:
         write_markdown(csv_path, md_path, args.dataset, metadata)
         return
-    torch.set_float32_matmul_precision("high")
     done = {(run["row"], run["method"], run["seed"]) for run in read_table(csv_path)}
-    for seed in args.seeds:
-        chosen = [row for row in ROWS if row.name in args.rows]
-        chosen += list(suite_rows()) if "suite" in args.rows else []
-        for row in chosen:
-            for method in args.methods:
-                if (row.name, method, str(seed)) in done:
-                    continue
-                L.seed_everything(seed, verbose=False)
-                datamodule = NoisyLabelDataModule(
-                    dataset=args.dataset,
-                    noise_type=row.noise_type,
-                    noise_rate=row.noise_rate,
-                    transition_matrix=row.transition_matrix,
-                    seed=seed,
-                    batch_size=RECIPE["batch_size"],
-                )
-                datamodule.setup("fit")
-                result = run(method, datamodule)
-                record = {
-                    "dataset": args.dataset,
-                    "row": row.name,
-                    "noise_type": row.noise_type,
-                    "noise_rate": row.noise_rate,
-                    "method": method,
-                    "seed": seed,
-                    "flip_rate": datamodule.corruption.flip_rate,
-                    "recipe_json": json.dumps(RECIPE),
-                    **result,
-                    **measured_by,
-                }
-                append_row(csv_path, COLUMNS, record, "move it away or pass another --out")
-                theta = "" if math.isnan(result["theta_error"]) else f" | theta err {result['theta_error']:.3f}"
-                print(
-                    f"{row.name:>16} | {method:>14} | seed {seed} | test {result['test_acc']:.4f}{theta} | "
-                    f"{result['fit_seconds']:.0f} s",
-                    flush=True,
-                )
-                write_markdown(csv_path, md_path, args.dataset, metadata)
+    chosen = [row for row in ROWS if row.name in args.rows]
+    chosen += list(suite_rows()) if "suite" in args.rows else []
+    jobs = [
+        Job(args.dataset, row, method, seed, args.accelerator)
+        for seed in args.seeds
+        for row in chosen
+        for method in args.methods
+        if (row.name, method, str(seed)) not in done
+    ]
+    for job, result in run_jobs(jobs, functools.partial(measure, run=run), args.workers):
+        record = {
+            "dataset": job.dataset,
+            "row": job.row.name,
+            "noise_type": job.row.noise_type,
+            "noise_rate": job.row.noise_rate,
+            "method": job.method,
+            "seed": job.seed,
+            "recipe_json": json.dumps(RECIPE),
+            **result,
+            **measured_by,
+        }
+        append_row(csv_path, COLUMNS, record, "move it away or pass another --out")
+        theta = "" if math.isnan(result["theta_error"]) else f" | theta err {result['theta_error']:.3f}"
+        print(
+            f"{job.row.name:>16} | {job.method:>14} | seed {job.seed} | test {result['test_acc']:.4f}{theta} | "
+            f"{result['fit_seconds']:.0f} s",
+            flush=True,
+        )
+        write_markdown(csv_path, md_path, args.dataset, metadata)
     write_markdown(csv_path, md_path, args.dataset, metadata)
     print(f"wrote {csv_path} and {md_path}")
 

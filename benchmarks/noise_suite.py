@@ -24,6 +24,7 @@ finishes and the ``.md`` is rewritten, so the script can be stopped and started 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -47,6 +48,8 @@ from common import (
     machine,
     metadata_line,
     read_table,
+    run_jobs,
+    threads_per_worker,
     write_text,
 )
 
@@ -203,14 +206,18 @@ COLUMNS = [
 ]
 
 
+ACCELERATOR = "cpu"  # every fit's; --accelerator sets it, in each worker process too
+
+
 def fit_one(dataset: str, entry: SuiteMatrix, method: str, seed: int) -> dict[str, object]:
     """One fit with the library's defaults (30 epochs, batch 256) on ``entry``'s noise."""
+    torch.set_float32_matmul_precision("high")
     L.seed_everything(seed, verbose=False)
     datamodule = NoisyLabelDataModule(
         dataset=dataset, noise_type="custom", transition_matrix=entry.matrix.tolist(), seed=seed, batch_size=256
     )
     model = NoisyLabelClassifier(net=MLP(), method=method)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=30, **QUIET_TRAINER)
+    trainer = L.Trainer(accelerator=ACCELERATOR, devices=1, max_epochs=30, **QUIET_TRAINER)
     started = time.perf_counter()
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - started
@@ -305,7 +312,31 @@ def parse_arguments() -> argparse.Namespace:
         help="fit the families' matrices in turn (one of each, then the next of each), so that a run cut short "
         "covers every family",
     )
-    return parser.parse_args()
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="fits at a time, each in its own process (they share a GPU)"
+    )
+    args = parser.parse_args()
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: no CUDA device is visible")
+    return args
+
+
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    entry: SuiteMatrix
+    method: str
+    seed: int
+    accelerator: str
+
+
+def measure(job: Job, fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_one) -> dict[str, object]:
+    global ACCELERATOR
+    ACCELERATOR = job.accelerator
+    return fit(job.dataset, job.entry, job.method, job.seed)
 
 
 def main(fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_one) -> None:
@@ -328,33 +359,38 @@ def main(fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_on
         return
     stem = args.out or RESULTS / f"noise_suite_{args.dataset}"
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    measured_by = {"commit": commit(), "machine": machine(), "command": command_line()}
+    if args.workers > 1:  # the machine column says how the fits shared it
+        torch.set_num_threads(threads_per_worker(args.workers))
+    on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
+    measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
-    torch.set_float32_matmul_precision("high")
     done = {(run["matrix"], run["method"], run["seed"]) for run in read_table(csv_path)}
     if args.interleave:
         by_family = [[entry for entry in matrices if entry.family == family] for family in args.families]
         matrices = [entry for group in itertools.zip_longest(*by_family) for entry in group if entry is not None]
-    for entry in matrices:
-        for method in args.methods:
-            if (entry.name, method, str(args.seed)) in done:
-                continue
-            result = fit(args.dataset, entry, method, args.seed)
-            record = {
-                "dataset": args.dataset,
-                "family": entry.family,
-                "matrix": entry.name,
-                "method": method,
-                "seed": args.seed,
-                "min_diagonal": entry.min_diagonal,
-                "diagonally_dominant": entry.diagonally_dominant,
-                "matrix_json": json.dumps(np.round(entry.matrix, 6).tolist()),
-                **result,
-                **measured_by,
-            }
-            append_row(csv_path, COLUMNS, record, "move it away or pass another --out")
-            print(f"{entry.name:>36} | {method} | test {float(result['test_acc']):.4f}", flush=True)
-            write_markdown(csv_path, md_path, args.dataset, metadata)
+    jobs = [
+        Job(args.dataset, entry, method, args.seed, args.accelerator)
+        for entry in matrices
+        for method in args.methods
+        if (entry.name, method, str(args.seed)) not in done
+    ]
+    for job, result in run_jobs(jobs, functools.partial(measure, fit=fit), args.workers):
+        entry = job.entry
+        record = {
+            "dataset": job.dataset,
+            "family": entry.family,
+            "matrix": entry.name,
+            "method": job.method,
+            "seed": job.seed,
+            "min_diagonal": entry.min_diagonal,
+            "diagonally_dominant": entry.diagonally_dominant,
+            "matrix_json": json.dumps(np.round(entry.matrix, 6).tolist()),
+            **result,
+            **measured_by,
+        }
+        append_row(csv_path, COLUMNS, record, "move it away or pass another --out")
+        print(f"{entry.name:>36} | {job.method} | test {float(result['test_acc']):.4f}", flush=True)
+        write_markdown(csv_path, md_path, args.dataset, metadata)
     write_markdown(csv_path, md_path, args.dataset, metadata)
     print(f"wrote {csv_path} and {md_path}")
 

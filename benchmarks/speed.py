@@ -22,7 +22,7 @@ each reported epoch time is the median over the measured epochs (the first epoch
 is not measured). The Trainers run without validation, logger, checkpointing or progress bar, so the epoch is the
 training loop itself (plus, for EM, its E-step). Peak resident memory is measured per contender in a fresh
 subprocess (``VmHWM`` of ``/proc/self/status`` after its two epochs). Results go to ``benchmarks/results/speed.md``
-and ``speed.csv``.
+and ``speed.csv`` (``speed_gpu.*`` with ``--accelerator gpu``).
 """
 
 from __future__ import annotations
@@ -301,9 +301,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is not measured)")
     parser.add_argument("--tiles", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (e.g. torchvision)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "speed")
+    parser.add_argument("--out", type=Path, default=None, help="results stem (default results/speed, or speed_gpu)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("speed" if args.accelerator == "cpu" else "speed_gpu")
     torch.set_float32_matmul_precision("high")
     if args.child:
         child(args)

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import inspect
 import json
+import math
 import re
 import shlex
 import shutil
@@ -386,6 +387,16 @@ def test_variants_table_selects_between_variants_by_noisy_validation_accuracy(tm
     assert selected.startswith(f"| {name} | permutation 0.46 | 2 | 98.25 ± 0.35 | 98.00 |")
     # A selection's fit time counts every candidate's fit: seed 0 took 7.0 + 7.0 s, seed 1 7.1 + 7.1 s.
     assert selected.endswith("| 14 ± 0 |")
+
+
+def test_run_jobs_in_worker_processes_returns_every_result_once() -> None:
+    _load("compare")  # puts benchmarks/ on sys.path, where the worker processes import common from
+    import common as shared
+
+    assert sorted(shared.run_jobs([9.0, 1.0, 4.0], math.sqrt, workers=2)) == [(1.0, 1.0), (4.0, 2.0), (9.0, 3.0)]
+    assert list(shared.run_jobs([4.0], math.sqrt)) == [(4.0, 2.0)]
+    with pytest.raises(ValueError, match="workers=0"):
+        list(shared.run_jobs([4.0], math.sqrt, workers=0))
 
 
 # ---- compare.py and method_cost.py ------------------------------------------------------------------------------
