@@ -222,12 +222,15 @@ class NoisyLabelClassifier(L.LightningModule):
         """
         parameter = next(self.net.parameters(), None)
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else inputs.dtype
+        # The weights' device, not self.device: in the setup hook Lightning already reports the accelerator while
+        # the weights are still on the CPU.
+        device = parameter.device if parameter is not None else self.device
         was_training = self.training
         self.eval()
         chunks = []
         try:
             for chunk in inputs.split(batch_size):
-                logits = self.net(chunk.to(self.device, dtype))
+                logits = self.net(chunk.to(device, dtype))
                 self._check_logits(logits, chunk.shape[0])
                 chunks.append(logits.float().cpu())
         finally:

@@ -209,3 +209,12 @@ def test_weight_decay_enters_the_first_update_as_each_optimiser_defines_it(name:
             )
     for key in after[0.0]:
         assert not torch.equal(after[0.0][key], after[0.1][key]), key
+
+
+def test_logits_of_follows_the_weights_not_the_reported_device() -> None:
+    """In the setup hook Lightning already reports the accelerator (``self.device``) while the weights are still on
+    the CPU; the shape check run there must feed the inputs to where the weights are."""
+    model = NoisyLabelClassifier(net=MLP(hidden_sizes=[8]))
+    model._device = torch.device("meta")  # what Lightning sets before setup on a GPU, here a device with no data
+    logits = model.logits_of(torch.rand(3, 784))
+    assert logits.shape == (3, 10) and logits.device.type == "cpu"
