@@ -27,6 +27,14 @@ from noisy_lightning.contract import NoisyLabelData, require_noisy_label_data
 EStepSource = Literal["inference", "train_pass"]
 
 
+def on_devices_of(saved: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with each tensor moved to the device of the tensor of the same name in ``live``."""
+    return {
+        name: value.to(live[name].device) if isinstance(value, Tensor) and isinstance(live.get(name), Tensor) else value
+        for name, value in saved.items()
+    }
+
+
 class EMNoiseEstimation(L.Callback):
     """Bekker & Goldberger's EM (ICASSP 2016): re-estimate the noise matrix ``theta`` at the ends of epochs.
 
@@ -341,7 +349,9 @@ class EMNoiseEstimation(L.Callback):
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, Any]) -> None:
         state = copy.deepcopy(state)  # the optimiser would otherwise update the snapshot's tensors in place
-        pl_module.load_state_dict(state["model"])
+        # load_state_dict copies into parameters and buffers where they are, but a metric's persistent state is
+        # replaced by the saved tensor: on a GPU it would come back on the CPU.
+        pl_module.load_state_dict(on_devices_of(state["model"], pl_module.state_dict()))
         for optimizer, saved in zip(trainer.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"], strict=True):

@@ -297,3 +297,15 @@ def test_a_fit_stopped_during_the_trials_says_so() -> None:
     with pytest.warns(UserWarning, match="stopped during the trial of EM start 1"):
         trainer.fit(small_model(), datamodule())
     assert callback.trial == 1 and callback.kept_start == -1
+
+
+def test_a_restored_snapshot_goes_back_to_the_devices_of_the_live_state() -> None:
+    """A metric's persistent state is replaced, not copied into, by ``load_state_dict``: the snapshot's CPU copies
+    must first go where the live tensors are (on a GPU, the accelerator), or the next ``update`` mixes devices."""
+    from noisy_lightning.callbacks import on_devices_of
+
+    saved = {"net.weight": torch.ones(2), "train_loss.mean_value": torch.tensor(3.0), "extra": 5}
+    live = {"net.weight": torch.empty(2, device="meta"), "train_loss.mean_value": torch.empty((), device="meta")}
+    moved = on_devices_of(saved, live)
+    assert moved["net.weight"].device.type == "meta" and moved["train_loss.mean_value"].device.type == "meta"
+    assert moved["extra"] == 5 and saved["net.weight"].device.type == "cpu"
