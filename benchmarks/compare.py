@@ -5,7 +5,10 @@ augmentation, seeds and model-selection rule (the last epoch, so no label of any
     python benchmarks/compare.py --dataset fashion_mnist --methods ce em gce
 
 Every fit is appended to ``benchmarks/results/compare_<dataset>.csv`` as it finishes and the ``.md`` is rewritten,
-so the script can be stopped and started again: fits already in the CSV are skipped. Methods:
+so the script can be stopped and started again: fits already in the CSV are skipped. The tables show the fits of
+``--seeds`` only (``--markdown-only --seeds 0 1 2`` rewrites them for three seeds), so a seed that some methods
+have not reached yet stays out of every mean. ``--workers 8 --accelerator gpu`` fits eight at a time on one GPU.
+Methods:
 
 - ``ce``: cross-entropy on the given labels; ``em``: this library's EM with its defaults;
 - ``forward`` / ``backward``: Patrini et al. (CVPR 2017) with anchor-point ``T`` after the same 6-epoch warm-up
@@ -289,8 +292,12 @@ def time_ratio_cell(runs: Sequence[Mapping[str, str]], baseline: Sequence[Mappin
     return f"{statistics.mean(ratios):.2f}" if ratios else "-"
 
 
-def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -> None:
-    runs = read_table(csv_path)
+def write_markdown(
+    csv_path: Path, md_path: Path, dataset: str, metadata: str, seeds: Sequence[int] | None = None
+) -> None:
+    """The tables of the CSV's fits of ``seeds`` (all its fits when None), so that a seed measured for only some
+    methods so far does not enter their means."""
+    runs = [run for run in read_table(csv_path) if seeds is None or int(run["seed"]) in seeds]
     methods = [method for method in METHODS if any(run["method"] == method for run in runs)]
     rows = list(dict.fromkeys(run["row"] for run in runs))
 
@@ -370,7 +377,9 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=None, help="results stem (default results/compare_<dataset>)")
-    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the CSV and stop")
+    parser.add_argument(
+        "--markdown-only", action="store_true", help="rewrite the .md from the CSV's fits of --seeds and stop"
+    )
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
     parser.add_argument(
         "--workers", type=int, default=1, help="fits at a time, each in its own process (they share a GPU)"
@@ -424,7 +433,7 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
     measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     if args.markdown_only:
-        write_markdown(csv_path, md_path, args.dataset, metadata)
+        write_markdown(csv_path, md_path, args.dataset, metadata, args.seeds)
         return
     done = {(run["row"], run["method"], run["seed"]) for run in read_table(csv_path)}
     chosen = [row for row in ROWS if row.name in args.rows]
@@ -455,8 +464,8 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
             f"{result['fit_seconds']:.0f} s",
             flush=True,
         )
-        write_markdown(csv_path, md_path, args.dataset, metadata)
-    write_markdown(csv_path, md_path, args.dataset, metadata)
+        write_markdown(csv_path, md_path, args.dataset, metadata, args.seeds)
+    write_markdown(csv_path, md_path, args.dataset, metadata, args.seeds)
     print(f"wrote {csv_path} and {md_path}")
 
 

@@ -448,6 +448,9 @@ def test_compare_resumes_and_tabulates_what_the_runs_measured(tmp_path: Path, mo
     assert "| pair-flip 45% | 2 | 90.50 ± 0.71 (worst 90.00) | 97.50 ± 0.71 (worst 97.00) |" in table
     assert "| pair-flip 45% | 1.00 | 1.50 | 1.20 |" in table  # wall time against CE
     assert "| pair-flip 45% | 0.020 |" in table  # theta error, only for the methods that estimate it
+    # a table of seed 0 only leaves seed 1's fits out of every cell
+    compare.write_markdown(out.with_suffix(".csv"), tmp_path / "seed0.md", "mnist", "metadata", seeds=[0])
+    assert "| pair-flip 45% | 1 | 90.00 ± 0.00 | 97.00 ± 0.00 |" in (tmp_path / "seed0.md").read_text()
 
 
 def test_compare_runs_each_method_with_the_library_defaults() -> None:
