@@ -11,7 +11,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -25,6 +25,15 @@ from noisy_lightning.checks import check_choice, check_float, check_int, check_o
 from noisy_lightning.contract import NoisyLabelData, require_noisy_label_data
 
 EStepSource = Literal["inference", "train_pass"]
+
+
+class RoundRecord(NamedTuple):
+    """One EM round: the start it belongs to, its number within that start, its epoch and theta after it (CPU)."""
+
+    start: int
+    number: int
+    epoch: int
+    noise_matrix: Tensor
 
 
 def on_devices_of(saved: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +79,9 @@ class EMNoiseEstimation(L.Callback):
             given labels, then an initialisation). ``None``: :data:`~noisy_lightning.em.DEFAULT_STARTS`, the first
             with ``initialisation``; ``[EMStart(0, initialisation)]`` is a single start. With several, the fit
             tries each from the same warm-up state for ``trial_epochs`` epochs, restoring the weights, optimiser,
-            learning-rate schedule and EM state between trials, and continues the trial whose network explains the
-            validation split's *given* labels significantly better (``min_z``; no clean label is read). The Trainer's
+            learning-rate schedule, mixed-precision loss scaler and EM state between trials, and continues the
+            trial whose network explains the validation split's *given* labels significantly better (``min_z``; no
+            clean label is read). The Trainer's
             ``max_epochs`` grows by ``(len(starts) - 1) * trial_epochs``, so the kept start trains for as many
             epochs as a single-start fit would. Other callbacks see every epoch, the tried ones included.
         trial_epochs: epochs after the warm-up that each start is fitted before the choice (longer than every
@@ -185,6 +195,8 @@ class EMNoiseEstimation(L.Callback):
         self.trial_scores: list[dict[str, float]] = []
         self.trial_agreements: list[Tensor] = []  # per trial: which validation samples agree with their given label
         self.snapshots: dict[str, dict[str, Any]] = {}
+        self.latest_round: RoundRecord | None = None  # the newest round of any start, for figures
+        self._epoch_values: dict[str, float] = {}
         self.active = True  # False for a model without an EM noise layer: the callback then does nothing
 
     def _reset_em(self) -> None:
@@ -226,13 +238,18 @@ class EMNoiseEstimation(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._end_of_epoch(trainer, pl_module, through_epoch=trainer.current_epoch)
-        if self.rounds > 0:
+        if self._epoch_values:
             # Every rank holds the same values; sync_dist only keeps Lightning from warning (a few scalars an epoch).
-            values = {"em/round": float(self.rounds), "em/theta_change": self.theta_change}
-            if self.selects:
-                values["em/start"] = float(self.start_index)
-            values |= {f"em/{key}": value for key, value in self.metrics.items()}
-            pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log_dict(self._epoch_values, on_step=False, on_epoch=True, sync_dist=True)
+
+    def _em_values(self) -> dict[str, float]:
+        """What the epoch logs under ``em/``: the state of the start being fitted, nothing before its first round."""
+        if self.rounds == 0:
+            return {}
+        values = {"em/round": float(self.rounds), "em/theta_change": self.theta_change}
+        if self.selects:
+            values["em/start"] = float(self.start_index)
+        return values | {f"em/{key}": value for key, value in self.metrics.items()}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.active and 0 <= self.trial < len(self.starts):
@@ -243,6 +260,7 @@ class EMNoiseEstimation(L.Callback):
             )
 
     def _end_of_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, through_epoch: int) -> None:
+        self._epoch_values = {}
         if not self.active:
             return
         epoch = through_epoch - self.epoch_offset  # counted as if the fit had tried one start only
@@ -250,6 +268,8 @@ class EMNoiseEstimation(L.Callback):
         if self.trial == -1 and epoch >= warmup_end:
             self._begin_trials(trainer, pl_module, epochs_done=epoch + 1)
         self._run_due_round(trainer, pl_module, epoch)
+        # Read before a trial's end restores the snapshot, so the epoch logs the round it ran, not the restored state.
+        self._epoch_values = self._em_values()
         if 0 <= self.trial < len(self.starts) and epoch >= warmup_end + self.trial_epochs:
             self._end_trial(trainer, pl_module)
 
@@ -334,13 +354,15 @@ class EMNoiseEstimation(L.Callback):
         return scores, probabilities.argmax(dim=1) == given
 
     def _capture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Everything a trial changes: the weights and theta, optimiser and schedule states, and EM's progress, with
-        every tensor cloned to the CPU (the containers are rebuilt, so nothing aliases the live state)."""
+        """Everything a trial changes: the weights and theta, optimiser, schedule and loss-scaler states, and EM's
+        progress, with every tensor cloned to the CPU (the containers are rebuilt, so nothing aliases the live
+        state)."""
         return apply_to_collection(
             {
                 "model": pl_module.state_dict(),
                 "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
                 "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+                "precision": trainer.precision_plugin.state_dict(),  # a mixed-precision loss scaler's scale
                 "em": {name: getattr(self, name) for name in self._EM_STATE},
             },
             Tensor,
@@ -356,6 +378,8 @@ class EMNoiseEstimation(L.Callback):
             optimizer.load_state_dict(saved)
         for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"], strict=True):
             config.scheduler.load_state_dict(saved)
+        if state.get("precision"):  # snapshots taken before it was saved have none
+            trainer.precision_plugin.load_state_dict(state["precision"])
         for name, value in state["em"].items():
             setattr(self, name, value)
         self._train_pass = None
@@ -417,6 +441,8 @@ class EMNoiseEstimation(L.Callback):
         self.rounds += 1
         self.rounds_run += 1
         self.last_round_epoch = epoch
+        # Kept apart from the EM state that a trial's end restores, so a figure drawn after it shows this round.
+        self.latest_round = RoundRecord(self.start_index, self.rounds, epoch, self.noise_matrix_history[-1])
         updated = self.rounds - 1 > self.schedule.hold_initial_rounds  # held rounds change theta by 0 by design
         chosen = self.trial >= len(self.starts)  # trials run their full length
         if self.convergence_tol is not None and updated and chosen and self.theta_change < self.convergence_tol:
@@ -679,11 +705,18 @@ class NoisyLabelFigures(L.Callback):
         self.em_round_epochs.append(trainer.current_epoch - 1)
         if trainer.is_global_zero:
             truth = getattr(trainer.datamodule, "true_transition_matrix", None)
-            start = f" of start {em_callback.start_index}" if em_callback.selects else ""
-            title = f"EM round {em_callback.rounds}{start} (after epoch {trainer.current_epoch - 1})"
+            # The round's own record: at the end of a trial the model already holds the next start's theta.
+            latest = em_callback.latest_round
+            noise_matrix = pl_module.noise_matrix if latest is None else latest.noise_matrix
+            if latest is None:
+                rounds, start_index = em_callback.rounds, em_callback.start_index
+            else:
+                rounds, start_index = latest.number, latest.start
+            start = f" of start {start_index}" if em_callback.selects else ""
+            title = f"EM round {rounds}{start} (after epoch {trainer.current_epoch - 1})"
             self._emit(
                 trainer,
-                noise_matrix_figure(truth, pl_module.noise_matrix, title),
+                noise_matrix_figure(truth, noise_matrix, title),
                 f"noise_matrix/round_{em_callback.rounds_run:03d}",
             )
 

@@ -259,6 +259,53 @@ def test_figures_draw_every_round_of_every_start(tmp_path: Path) -> None:
     assert drawn == [f"round_{index:03d}.png" for index in range(1, 6)]
 
 
+def test_the_epoch_that_ends_a_trial_shows_that_trial_not_the_restored_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the end of trial 0 the model goes back to the warm-up snapshot: the figure of the trial's last round and
+    the em/ values logged for that epoch must still be the trial's."""
+    from matplotlib.figure import Figure
+
+    from noisy_lightning import NoisyLabelFigures, plots
+
+    drawn: list[tuple[str, torch.Tensor]] = []
+
+    def record(truth: Any, noise_matrix: torch.Tensor, title: str) -> Any:
+        drawn.append((title, noise_matrix.clone()))
+        return Figure()
+
+    monkeypatch.setattr(plots, "noise_matrix_figure", record)
+
+    class Logged(L.Callback):
+        def __init__(self) -> None:
+            self.values: dict[int, dict[str, float]] = {}
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.values[trainer.current_epoch] = dict(callback._epoch_values)
+
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(warmup_epochs=1, starts=TWO_STARTS, trial_epochs=2)
+    figures = NoisyLabelFigures(grid_size=2, track_test_accuracy=False, dpi=30)
+    logged = Logged()
+    before_restore: list[torch.Tensor] = []
+    restore = callback._restore
+
+    def spy(trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, Any]) -> None:
+        before_restore.append(pl_module.noise_matrix.detach().cpu().clone())
+        restore(trainer, pl_module, state)
+
+    monkeypatch.setattr(callback, "_restore", spy)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback, logged, figures], default_root_dir=tmp_path)
+    trainer.fit(small_model(), datamodule())
+    trial_0_theta = before_restore[0]  # theta when trial 0 ended, before the warm-up snapshot came back
+    title, theta = drawn[2]  # the third round: trial 0's last, after epoch 2
+    assert title.startswith("EM round 3 of start 0")
+    torch.testing.assert_close(theta, trial_0_theta)
+    assert not torch.equal(theta, drawn[3][1])  # trial 1 draws its own theta next
+    assert logged.values[2]["em/start"] == 0 and logged.values[2]["em/round"] == 3
+    assert logged.values[3]["em/start"] == 1 and logged.values[3]["em/round"] == 1
+
+
 @pytest.mark.parametrize(("max_epochs", "tried"), [(3, True), (2, False)])
 def test_a_fit_too_short_for_the_trials_runs_the_first_start_only(max_epochs: int, tried: bool) -> None:
     """trial_epochs=2 after a 1-epoch warm-up: a 3-epoch fit tries both starts (and runs 5 epochs); a 2-epoch fit has
@@ -309,3 +356,25 @@ def test_a_restored_snapshot_goes_back_to_the_devices_of_the_live_state() -> Non
     moved = on_devices_of(saved, live)
     assert moved["net.weight"].device.type == "meta" and moved["train_loss.mean_value"].device.type == "meta"
     assert moved["extra"] == 5 and saved["net.weight"].device.type == "cpu"
+
+
+def test_a_restored_snapshot_brings_back_the_loss_scaler() -> None:
+    """Under 16-bit mixed precision a trial moves the loss scaler's scale; the next start must begin from the one the
+    warm-up ended with, like the weights and the optimiser."""
+
+    class Scaler:
+        def __init__(self) -> None:
+            self.scale = 1024.0
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"scale": torch.tensor(self.scale)}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.scale = float(state["scale"])
+
+    trainer = type("Trainer", (), {"optimizers": [], "lr_scheduler_configs": [], "precision_plugin": Scaler()})()
+    callback, model = EMNoiseEstimation(), small_model()
+    snapshot = callback._capture(trainer, model)
+    trainer.precision_plugin.scale = 8.0  # what a trial's overflows did to it
+    callback._restore(trainer, model, snapshot)
+    assert trainer.precision_plugin.scale == 1024.0
