@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import lightning as L
 import torch
@@ -167,7 +167,7 @@ def run_jobs(jobs: Sequence[J], measure: Callable[[J], R], workers: int = 1) -> 
     """
     if workers < 1:
         raise ValueError(f"workers={workers}: must be at least 1")
-    if workers == 1 or len(jobs) <= 1:
+    if workers == 1:
         for job in jobs:
             yield job, measure(job)
         return
@@ -177,7 +177,7 @@ def run_jobs(jobs: Sequence[J], measure: Callable[[J], R], workers: int = 1) -> 
         yield from pool.imap_unordered(_JobRunner(measure), jobs)
 
 
-class _JobRunner:
+class _JobRunner(Generic[J, R]):
     """A picklable ``job -> (job, measure(job))`` for the pool."""
 
     def __init__(self, measure: Callable[[J], R]) -> None:

@@ -6,9 +6,9 @@ augmentation, seeds and model-selection rule (the last epoch, so no label of any
 
 Every fit is appended to ``benchmarks/results/compare_<dataset>.csv`` as it finishes and the ``.md`` is rewritten,
 so the script can be stopped and started again: fits already in the CSV are skipped. The tables show the fits of
-``--seeds`` only (``--markdown-only --seeds 0 1 2`` rewrites them for three seeds), so a seed that some methods
-have not reached yet stays out of every mean. ``--workers 8 --accelerator gpu`` fits eight at a time on one GPU.
-Methods:
+``--table-seeds`` only (default: seed 0; ``--markdown-only --table-seeds 0 1 2`` rewrites them for three seeds), so
+the fits of a seed that not every method has reached can be kept out of the means. ``--workers 8 --accelerator gpu``
+fits eight at a time on one GPU. Methods:
 
 - ``ce``: cross-entropy on the given labels; ``em``: this library's EM with its defaults;
 - ``forward`` / ``backward``: Patrini et al. (CVPR 2017) with anchor-point ``T`` after the same 6-epoch warm-up
@@ -367,7 +367,8 @@ def write_markdown(
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the seeds to fit")
+    parser.add_argument("--table-seeds", type=int, nargs="+", default=[0], help="the seeds whose fits the tables show")
     parser.add_argument(
         "--rows",
         nargs="+",
@@ -378,7 +379,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=None, help="results stem (default results/compare_<dataset>)")
     parser.add_argument(
-        "--markdown-only", action="store_true", help="rewrite the .md from the CSV's fits of --seeds and stop"
+        "--markdown-only", action="store_true", help="rewrite the .md from the CSV's fits of --table-seeds and stop"
     )
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
     parser.add_argument(
@@ -433,7 +434,7 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
     measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     if args.markdown_only:
-        write_markdown(csv_path, md_path, args.dataset, metadata, args.seeds)
+        write_markdown(csv_path, md_path, args.dataset, metadata, args.table_seeds)
         return
     done = {(run["row"], run["method"], run["seed"]) for run in read_table(csv_path)}
     chosen = [row for row in ROWS if row.name in args.rows]
@@ -464,8 +465,8 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
             f"{result['fit_seconds']:.0f} s",
             flush=True,
         )
-        write_markdown(csv_path, md_path, args.dataset, metadata, args.seeds)
-    write_markdown(csv_path, md_path, args.dataset, metadata, args.seeds)
+        write_markdown(csv_path, md_path, args.dataset, metadata, args.table_seeds)
+    write_markdown(csv_path, md_path, args.dataset, metadata, args.table_seeds)
     print(f"wrote {csv_path} and {md_path}")
 
 

@@ -334,6 +334,7 @@ class Job:
 
 
 def measure(job: Job, fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_one) -> dict[str, object]:
+    """One fit of ``job`` by ``fit``, on the job's accelerator (set here, since this may be a worker process)."""
     global ACCELERATOR
     ACCELERATOR = job.accelerator
     return fit(job.dataset, job.entry, job.method, job.seed)

@@ -19,6 +19,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torchmetrics import Metric
 
 from noisy_lightning import em, peers
 from noisy_lightning.checks import check_choice, check_float, check_int, check_optional_int
@@ -28,11 +29,12 @@ EStepSource = Literal["inference", "train_pass"]
 
 
 class RoundRecord(NamedTuple):
-    """One EM round: the start it belongs to, its number within that start, its epoch and theta after it (CPU)."""
+    """One EM round: its place among all rounds of the fit (from 1), the start it belongs to, its place within that
+    start (from 1) and theta after it (on the CPU)."""
 
+    index: int
     start: int
-    number: int
-    epoch: int
+    round_in_start: int
     noise_matrix: Tensor
 
 
@@ -195,7 +197,9 @@ class EMNoiseEstimation(L.Callback):
         self.trial_scores: list[dict[str, float]] = []
         self.trial_agreements: list[Tensor] = []  # per trial: which validation samples agree with their given label
         self.snapshots: dict[str, dict[str, Any]] = {}
-        self.latest_round: RoundRecord | None = None  # the newest round of any start, for figures
+        # Every round of every start since the fit (or its resume) began, for figures; a trial's end restores the
+        # EM state but not these.
+        self.round_records: list[RoundRecord] = []
         self._epoch_values: dict[str, float] = {}
         self.active = True  # False for a model without an EM noise layer: the callback then does nothing
 
@@ -371,9 +375,14 @@ class EMNoiseEstimation(L.Callback):
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, Any]) -> None:
         state = copy.deepcopy(state)  # the optimiser would otherwise update the snapshot's tensors in place
-        # load_state_dict copies into parameters and buffers where they are, but a metric's persistent state is
-        # replaced by the saved tensor: on a GPU it would come back on the CPU.
-        pl_module.load_state_dict(on_devices_of(state["model"], pl_module.state_dict()))
+        live = pl_module.state_dict()
+        # A metric's persistent state (the running training loss) stays the epoch's own: the module logs it after
+        # this hook, and its next epoch resets it anyway.
+        metrics = tuple(f"{name}." for name, module in pl_module.named_modules() if name and isinstance(module, Metric))
+        saved = {key: live[key] if key.startswith(metrics) else value for key, value in state["model"].items()}
+        # load_state_dict copies into parameters and buffers where they are, but it replaces any other persistent
+        # tensor by the saved one, which on a GPU would come back on the CPU.
+        pl_module.load_state_dict(on_devices_of(saved, live))
         for optimizer, saved in zip(trainer.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"], strict=True):
@@ -441,8 +450,9 @@ class EMNoiseEstimation(L.Callback):
         self.rounds += 1
         self.rounds_run += 1
         self.last_round_epoch = epoch
-        # Kept apart from the EM state that a trial's end restores, so a figure drawn after it shows this round.
-        self.latest_round = RoundRecord(self.start_index, self.rounds, epoch, self.noise_matrix_history[-1])
+        self.round_records.append(
+            RoundRecord(self.rounds_run, self.start_index, self.rounds, self.noise_matrix_history[-1])
+        )
         updated = self.rounds - 1 > self.schedule.hold_initial_rounds  # held rounds change theta by 0 by design
         chosen = self.trial >= len(self.starts)  # trials run their full length
         if self.convergence_tol is not None and updated and chosen and self.theta_change < self.convergence_tol:
@@ -701,23 +711,26 @@ class NoisyLabelFigures(L.Callback):
         # rounds_run counts every round of the fit: with several EM starts, a later start's rounds count from 1 again.
         if em_callback is None or em_callback.rounds_run == self._rounds_seen:
             return
+        # Each round's own record: at the end of a trial the model already holds the next start's theta, and the
+        # next start may have run its first round in the same epoch end.
+        pending = [record for record in em_callback.round_records if record.index > self._rounds_seen]
+        if not pending:  # rounds from before a resume: only the current theta is known
+            theta = pl_module.noise_matrix.detach().cpu()
+            pending = [RoundRecord(em_callback.rounds_run, em_callback.start_index, em_callback.rounds, theta)]
         self._rounds_seen = em_callback.rounds_run
-        self.em_round_epochs.append(trainer.current_epoch - 1)
-        if trainer.is_global_zero:
-            truth = getattr(trainer.datamodule, "true_transition_matrix", None)
-            # The round's own record: at the end of a trial the model already holds the next start's theta.
-            latest = em_callback.latest_round
-            noise_matrix = pl_module.noise_matrix if latest is None else latest.noise_matrix
-            if latest is None:
-                rounds, start_index = em_callback.rounds, em_callback.start_index
-            else:
-                rounds, start_index = latest.number, latest.start
-            start = f" of start {start_index}" if em_callback.selects else ""
-            title = f"EM round {rounds}{start} (after epoch {trainer.current_epoch - 1})"
+        epoch = trainer.current_epoch - 1
+        if not self.em_round_epochs or self.em_round_epochs[-1] != epoch:
+            self.em_round_epochs.append(epoch)
+        if not trainer.is_global_zero:
+            return
+        truth = getattr(trainer.datamodule, "true_transition_matrix", None)
+        for record in pending:
+            start = f" of start {record.start}" if em_callback.selects else ""
+            title = f"EM round {record.round_in_start}{start} (after epoch {epoch})"
             self._emit(
                 trainer,
-                noise_matrix_figure(truth, noise_matrix, title),
-                f"noise_matrix/round_{em_callback.rounds_run:03d}",
+                noise_matrix_figure(truth, record.noise_matrix, title),
+                f"noise_matrix/round_{record.index:03d}",
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -217,8 +217,8 @@ class NoisyLabelClassifier(L.LightningModule):
     def logits_of(self, inputs: Tensor, batch_size: int = 4096) -> Tensor:
         """The net's logits for ``inputs`` (any number of samples), in eval mode, as float32 on the CPU.
 
-        Inputs are moved to the model's device and dtype (so a ``bf16-true`` or ``64-true`` model takes float32
-        data); the module's train/eval mode is restored afterwards.
+        Inputs are moved to the device and dtype of the net's weights (so a ``bf16-true`` or ``64-true`` model takes
+        float32 data); the module's train/eval mode is restored afterwards.
         """
         parameter = next(self.net.parameters(), None)
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else inputs.dtype

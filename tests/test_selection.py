@@ -279,19 +279,23 @@ def test_the_epoch_that_ends_a_trial_shows_that_trial_not_the_restored_state(
     class Logged(L.Callback):
         def __init__(self) -> None:
             self.values: dict[int, dict[str, float]] = {}
+            self.losses: dict[int, torch.Tensor] = {}  # the running training loss the module logs next
 
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.values[trainer.current_epoch] = dict(callback._epoch_values)
+            self.losses[trainer.current_epoch] = pl_module.train_loss.mean_value.clone()
 
     L.seed_everything(0)
     callback = EMNoiseEstimation(warmup_epochs=1, starts=TWO_STARTS, trial_epochs=2)
     figures = NoisyLabelFigures(grid_size=2, track_test_accuracy=False, dpi=30)
     logged = Logged()
     before_restore: list[torch.Tensor] = []
+    losses_before_restore: list[torch.Tensor] = []
     restore = callback._restore
 
     def spy(trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, Any]) -> None:
         before_restore.append(pl_module.noise_matrix.detach().cpu().clone())
+        losses_before_restore.append(pl_module.train_loss.mean_value.clone())
         restore(trainer, pl_module, state)
 
     monkeypatch.setattr(callback, "_restore", spy)
@@ -304,6 +308,31 @@ def test_the_epoch_that_ends_a_trial_shows_that_trial_not_the_restored_state(
     assert not torch.equal(theta, drawn[3][1])  # trial 1 draws its own theta next
     assert logged.values[2]["em/start"] == 0 and logged.values[2]["em/round"] == 3
     assert logged.values[3]["em/start"] == 1 and logged.values[3]["em/round"] == 1
+    torch.testing.assert_close(logged.losses[2], losses_before_restore[0])  # train/loss of epoch 2 is epoch 2's
+
+
+def test_two_rounds_in_one_epoch_end_are_both_drawn(tmp_path: Path) -> None:
+    """A next start without extra warm-up runs its first round in the epoch end that closed the trial before it."""
+    from noisy_lightning import NoisyLabelFigures
+
+    L.seed_everything(0)
+    starts = [EMStart(0, "hard_confusion"), EMStart(0, "balanced")]
+    callback = EMNoiseEstimation(warmup_epochs=1, starts=starts, trial_epochs=2)
+    figures = NoisyLabelFigures(grid_size=2, track_test_accuracy=False, dpi=30)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback, figures], default_root_dir=tmp_path)
+    trainer.fit(small_model(), datamodule())
+    drawn = sorted(path.name for path in (tmp_path / "figures" / "noise_matrix").glob("*.png"))
+    assert callback.rounds_run == 6  # trial 0 after epochs 0-2; trial 1 after epoch 2 (restored), 3 and 4
+    assert drawn == [f"round_{index:03d}.png" for index in range(1, 7)]
+    assert [(record.start, record.round_in_start) for record in callback.round_records] == [
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+    ]
+    assert figures.em_round_epochs == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(("max_epochs", "tried"), [(3, True), (2, False)])
