@@ -576,7 +576,9 @@ class NoiseMatrixEstimation(L.Callback):
             pool = trainer.datamodule.pool
             given = pool.given_labels.to(scored.device)[scored]
             em.check_log_probs(probabilities.log(), "the class probabilities")
-            noise_matrix = em.initial_noise_matrix(probabilities.double(), given, pool.num_classes)
+            # The noise adaptation layer's code counts argmax predictions against the given labels (a hard
+            # confusion matrix); the soft one mixes each row with the rows of the classes that flip into it.
+            noise_matrix = em.initial_noise_matrix(probabilities.double(), given, pool.num_classes, hard=True)
         layer.update(noise_matrix)
         # A learned theta (the noise adaptation layer) had zero gradients until now, while Adam counted steps: its
         # moments would start with no bias correction and a step several times the learning rate. Start them afresh.

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
 from noisy_lightning import em as em_math
@@ -567,3 +568,12 @@ def test_compare_reproduces_the_quality_tables_cross_entropy_and_em_runs() -> No
         assert float(run["test_acc"]) == pytest.approx(float(same[0]["test_acc"]), abs=1e-6), run["row"]
         checked += 1
     assert checked >= 6
+
+
+def test_reproduce_corrupts_with_the_papers_permutation() -> None:
+    reproduce = _load("reproduce")
+    matrix = torch.tensor(reproduce.transition_matrix(), dtype=torch.float64)
+    torch.testing.assert_close(matrix.sum(dim=1), torch.ones(10, dtype=torch.float64))
+    assert torch.all(matrix.diagonal() == 0.54)
+    for true_class, noisy_class in enumerate((7, 9, 0, 4, 2, 1, 3, 5, 6, 8)):
+        assert noisy_class != true_class and matrix[true_class, noisy_class] == 0.46

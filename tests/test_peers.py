@@ -271,7 +271,7 @@ def test_correction_methods_get_their_estimate_at_the_end_of_the_warm_up(method:
                 probabilities = pl_module.logits_of(pool.images[pool.train_indices]).softmax(dim=1).double()
                 if method == "nal":
                     given = pool.given_labels[pool.train_indices]
-                    expected = em.initial_noise_matrix(probabilities, given, 10)
+                    expected = em.initial_noise_matrix(probabilities, given, 10, hard=True)  # the paper code's
                 else:
                     expected = anchor_noise_matrix(probabilities, 97.0)
                 at_estimate["expected"], at_estimate["theta"] = expected, pl_module.noise_matrix.clone()
