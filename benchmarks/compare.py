@@ -54,6 +54,7 @@ from common import (
     read_table,
     run_jobs,
     threads_per_worker,
+    write_table,
     write_text,
 )
 
@@ -381,6 +382,11 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--markdown-only", action="store_true", help="rewrite the .md from the CSV's fits of --table-seeds and stop"
     )
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="replace the CSV's fits of the chosen rows, methods and seeds by new ones (after a method changed)",
+    )
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
     parser.add_argument(
         "--workers", type=int, default=1, help="fits at a time, each in its own process (they share a GPU)"
@@ -436,9 +442,13 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
     if args.markdown_only:
         write_markdown(csv_path, md_path, args.dataset, metadata, args.table_seeds)
         return
-    done = {(run["row"], run["method"], run["seed"]) for run in read_table(csv_path)}
     chosen = [row for row in ROWS if row.name in args.rows]
     chosen += list(suite_rows()) if "suite" in args.rows else []
+    if args.refit:  # a method changed: its old fits of these rows and seeds leave the CSV, and are fitted again
+        asked = {(row.name, method, str(seed)) for row in chosen for method in args.methods for seed in args.seeds}
+        kept = [run for run in read_table(csv_path) if (run["row"], run["method"], run["seed"]) not in asked]
+        write_table(csv_path, COLUMNS, kept)
+    done = {(run["row"], run["method"], run["seed"]) for run in read_table(csv_path)}
     jobs = [
         Job(args.dataset, row, method, seed, args.accelerator)
         for seed in args.seeds

@@ -450,9 +450,16 @@ def test_compare_resumes_and_tabulates_what_the_runs_measured(tmp_path: Path, mo
     assert "| pair-flip 45% | 2 | 90.50 ± 0.71 (worst 90.00) | 97.50 ± 0.71 (worst 97.00) |" in table
     assert "| pair-flip 45% | 1.00 | 1.50 | 1.20 |" in table  # wall time against CE
     assert "| pair-flip 45% | 0.020 |" in table  # theta error, only for the methods that estimate it
+    # --refit replaces the chosen fits: em of seed 0 runs again (the fake now says 0.99) and its row moves to the end
+    refit = ["compare.py", "--rows", "pair-flip 45%", "--seeds", "0", "--methods", "em", "--refit"]
+    monkeypatch.setattr(sys, "argv", [*refit, "--out", str(out)])
+    compare.main(run=fake_run)
+    assert len(calls) == 7
+    again = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert len(again) == 6 and (again[-1]["method"], again[-1]["seed"]) == ("em", "0")
     # a table of seed 0 only leaves seed 1's fits out of every cell
     compare.write_markdown(out.with_suffix(".csv"), tmp_path / "seed0.md", "mnist", "metadata", seeds=[0])
-    assert "| pair-flip 45% | 1 | 90.00 ± 0.00 | 97.00 ± 0.00 |" in (tmp_path / "seed0.md").read_text()
+    assert "| pair-flip 45% | 1 | 90.00 ± 0.00 | 99.00 ± 0.00 |" in (tmp_path / "seed0.md").read_text()
 
 
 def test_compare_runs_each_method_with_the_library_defaults() -> None:
