@@ -47,6 +47,7 @@ from common import (
     commit,
     machine,
     metadata_line,
+    provenance,
     read_table,
     run_jobs,
     threads_per_worker,
@@ -249,6 +250,7 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
         "",
         metadata,
         "",
+        *provenance(runs),
         "Both methods with the library's defaults (784-500-300-10 MLP, dropout 0.5, 2-pixel shifts, Adam 1e-3, "
         "cosine schedule, batch 256, 30 epochs, the last epoch's model), one seed per matrix. Clean test accuracy "
         "(%); theta error = ||theta - T||_1 / ||T||_1 against the realised corruption; recovered = share of training "
@@ -258,7 +260,7 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
         "recovered (%) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    gaps, errors, misses = [], [], []
+    gaps, errors, misses, under = [], [], [], []
     for name, methods in by_matrix.items():
         first = next(iter(methods.values()))
         ce, em = methods.get("ce"), methods.get("em")
@@ -268,6 +270,8 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
         error = float(em["theta_error"]) if em else None
         if gap is not None:
             gaps.append(gap)
+            if gap < 0:
+                under.append(name)
         if error is not None:
             errors.append(error)
         dominant = first["diagonally_dominant"] == "True"
@@ -286,9 +290,13 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
             f"EM - CE: smallest {min(gaps):+.2f} points, median {statistics.median(gaps):+.2f} points."
             if gaps
             else "",
-            "Diagonally dominant matrices with every diagonal >= 0.55 where EM is under 97.5% or its theta error "
-            f"above 0.05: {', '.join(misses) if misses else 'none'}.",
+            f"Matrices where EM is under cross-entropy: {', '.join(under) if under else 'none'}.",
         ]
+        if dataset == "mnist":  # the 97.5% bar is MNIST's; Fashion-MNIST's clean accuracy is near 90%
+            lines.append(
+                "Diagonally dominant matrices with every diagonal >= 0.55 where EM is under 97.5% or its theta error "
+                f"above 0.05: {', '.join(misses) if misses else 'none'}."
+            )
     write_text(md_path, lines)
 
 
@@ -306,6 +314,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results stem (default results/noise_suite_<dataset>)")
     parser.add_argument("--list", action="store_true", help="print the suite's matrices and stop")
     parser.add_argument("--write-matrices", action="store_true", help="write results/noise_suite_matrices.json")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the CSV and stop")
     parser.add_argument(
         "--interleave",
         action="store_true",
@@ -365,6 +374,9 @@ def main(fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_on
     on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
     measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
+    if args.markdown_only:
+        write_markdown(csv_path, md_path, args.dataset, metadata)
+        return
     done = {(run["matrix"], run["method"], run["seed"]) for run in read_table(csv_path)}
     if args.interleave:
         by_family = [[entry for entry in matrices if entry.family == family] for family in args.families]

@@ -547,6 +547,7 @@ def test_noise_suite_resumes_and_reports_the_misses(tmp_path: Path, monkeypatch:
     table = out.with_suffix(".md").read_text()
     assert "| dense | dense d=0.550 #0 | 0.550 | yes | 40.0 | 97.00 | 96.00 | -1.00 | 0.010 | 99.00 |" in table
     assert "above 0.05: dense d=0.550 #0." in table
+    assert "Matrices where EM is under cross-entropy: dense d=0.550 #0." in table
     assert "Median theta error over the 8 matrices with an EM fit: 0.010" in table
 
 
