@@ -8,6 +8,7 @@ git. Tables are CSV written with the :mod:`csv` module, whole files through
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import multiprocessing
@@ -185,3 +186,19 @@ class _JobRunner(Generic[J, R]):
 
     def __call__(self, job: J) -> tuple[J, R]:
         return job, self.measure(job)
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--accelerator`` and ``--workers``, shared by the scripts that fit through :func:`run_jobs`."""
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="fits at a time, each in its own process (they share a GPU)"
+    )
+
+
+def check_fit_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through ``parser``, a worker count under 1 or a GPU that is not there."""
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: no CUDA device is visible")

@@ -45,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     QUIET_TRAINER,
     RESULTS,
+    add_fit_arguments,
     append_row,
+    check_fit_arguments,
     command_line,
     commit,
     machine,
@@ -387,15 +389,9 @@ def parse_arguments() -> argparse.Namespace:
         action="store_true",
         help="replace the CSV's fits of the chosen rows, methods and seeds by new ones (after a method changed)",
     )
-    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
-    parser.add_argument(
-        "--workers", type=int, default=1, help="fits at a time, each in its own process (they share a GPU)"
-    )
+    add_fit_arguments(parser)
     args = parser.parse_args()
-    if args.workers < 1:
-        parser.error(f"--workers {args.workers}: must be at least 1")
-    if args.accelerator == "gpu" and not torch.cuda.is_available():
-        parser.error("--accelerator gpu: no CUDA device is visible")
+    check_fit_arguments(parser, args)
     known = {row.name for row in ROWS} | {"suite"}
     unknown = set(args.rows) - known
     if unknown:
