@@ -585,3 +585,10 @@ def test_reproduce_corrupts_with_the_papers_permutation() -> None:
     assert torch.all(matrix.diagonal() == 0.54)
     for true_class, noisy_class in enumerate((7, 9, 0, 4, 2, 1, 3, 5, 6, 8)):
         assert noisy_class != true_class and matrix[true_class, noisy_class] == 0.46
+
+
+def test_fit_scripts_refuse_fewer_than_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    compare = _load("compare")
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--workers", "0"])
+    with pytest.raises(SystemExit):
+        compare.parse_arguments()
