@@ -234,6 +234,11 @@ class EMNoiseEstimation(L.Callback):
                 "it, so this fit trains on the noisy labels only. Lower warmup_epochs or raise max_epochs."
             )
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Trials extend the fit loop's max_epochs; a Trainer used again (or read afterwards) has the user's value.
+        if stage == "fit" and self._fit_loop is trainer.fit_loop and self._max_epochs is not None:
+            trainer.fit_loop.max_epochs = self._max_epochs
+
     # ---- when rounds run ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A checkpoint saved after an epoch's last step but before its end hooks resumes in the next epoch, and

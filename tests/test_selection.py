@@ -137,6 +137,7 @@ def test_trials_restore_the_warmup_then_continue_the_kept_start(monkeypatch: pyt
     assert callback.trial_scores[1]["z_against_kept"] == pytest.approx(20.0 if kept == 1 else -20.0)
     # 4 epochs as asked, plus the 2 of the trial that was not kept; the kept start ran all its rounds.
     assert trainer.current_epoch == 6
+    assert trainer.max_epochs == 4  # the extension ends with the fit: the Trainer shows what the user asked for
     assert callback.rounds == (4 if kept == 0 else 3) == len(callback.noise_matrix_history)
     assert callback.epoch_offset == 2
 
