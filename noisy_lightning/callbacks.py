@@ -92,6 +92,10 @@ class EMNoiseEstimation(L.Callback):
         min_z: how much better a later start must agree with the validation split's given labels than the start
             kept so far to replace it, as the paired (McNemar) statistic of :func:`noisy_lightning.em.choose_start`
             (>= 0; 0 keeps whichever agrees most often).
+        validate_noise_matrix: keep each theta M-step only if the new theta explains the validation split's given
+            labels at least as well as the old one (``judged_by`` of :func:`noisy_lightning.em.em_round`); a
+            refused step leaves theta as it was. Costs an inference pass over the validation split per M-step;
+            needs a validation split and ``noise_matrix_from="train"``.
 
     Logged each epoch once EM has started: ``em/round``, ``em/theta_change`` and, when the data knows the truth,
     ``em/theta_error``, ``em/theta_max_abs_error``, ``em/label_recovery``, ``em/flip_precision`` and
@@ -116,6 +120,7 @@ class EMNoiseEstimation(L.Callback):
         starts: Sequence[em.EMStart] | None = None,
         trial_epochs: int = 8,
         min_z: float = 1.0,
+        validate_noise_matrix: bool = False,
     ) -> None:
         super().__init__()
         self.schedule = em.EMSchedule(
@@ -153,6 +158,14 @@ class EMNoiseEstimation(L.Callback):
                 "starts with more than one EMStart choose by the validation split, so noise_matrix_from must be "
                 "'train' (got 'validation')"
             )
+        if not isinstance(validate_noise_matrix, bool):
+            raise ValueError(f"validate_noise_matrix must be True or False, got {validate_noise_matrix!r}")
+        if validate_noise_matrix and noise_matrix_from != "train":
+            raise ValueError(
+                "validate_noise_matrix=True judges the M-step by the validation split, so "
+                f"noise_matrix_from must be 'train' (got {noise_matrix_from!r})"
+            )
+        self.validate_noise_matrix = validate_noise_matrix
         self._max_epochs: int | None = None
         self._fit_loop: Any = None
         self._reset()
@@ -165,6 +178,7 @@ class EMNoiseEstimation(L.Callback):
         "initial_noise_matrix",
         "noise_matrix_history",
         "metrics",
+        "m_steps_refused",
     )
     _STATE = (
         *_EM_STATE,
@@ -210,6 +224,7 @@ class EMNoiseEstimation(L.Callback):
         self.initial_noise_matrix: Tensor | None = None
         self.noise_matrix_history: list[Tensor] = []  # theta after each round, on the CPU
         self.metrics: dict[str, float] = {}
+        self.m_steps_refused = 0  # M-steps that validate_noise_matrix refused
         self._train_pass: em.ProbabilitySums | None = None  # train_pass E-step sums of the current round epoch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -227,6 +242,12 @@ class EMNoiseEstimation(L.Callback):
             )
             return
         require_noisy_label_data(trainer.datamodule, "EMNoiseEstimation")
+        pool = getattr(trainer.datamodule, "pool", None)
+        if self.validate_noise_matrix and pool is not None and len(pool.val_indices) == 0:
+            raise ValueError(
+                "EMNoiseEstimation(validate_noise_matrix=True) judges each M-step by the validation split's given "
+                "labels, but the data has no validation split (val_fraction=0)"
+            )
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs < self.schedule.warmup_epochs:
             rank_zero_warn(  # not an error: a short fit that a later fit resumes is legitimate
                 f"EMNoiseEstimation(warmup_epochs={self.schedule.warmup_epochs}) runs its first EM round at the end "
@@ -258,6 +279,8 @@ class EMNoiseEstimation(L.Callback):
         values = {"em/round": float(self.rounds), "em/theta_change": self.theta_change}
         if self.selects:
             values["em/start"] = float(self.start_index)
+        if self.validate_noise_matrix:
+            values["em/m_steps_refused"] = float(self.m_steps_refused)
         return values | {f"em/{key}": value for key, value in self.metrics.items()}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -422,20 +445,28 @@ class EMNoiseEstimation(L.Callback):
                 f"EMNoiseEstimation: no training-pass outputs were collected for epoch {epoch}; "
                 "this round's E-step uses an inference pass instead"
             )
-        if sums is None:
-            sums = inference_probabilities(trainer, pl_module, self.noise_matrix_from == "validation")
-        probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
         pool, layer = trainer.datamodule.pool, pl_module.noise_layer
+        update = self.schedule.updates_noise_matrix(self.rounds)
+        judge = self.validate_noise_matrix and update
+        if sums is None:
+            with_validation = self.noise_matrix_from == "validation" or judge
+            sums = inference_probabilities(trainer, pl_module, with_validation)
+        elif judge:  # a training-pass E-step has no validation outputs: score that split in eval mode
+            sums.merge(inference_probabilities(trainer, pl_module, indices=pool.val_indices))
+        probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
         given = pool.given_labels.to(scored.device)[scored]
         in_train = _mask(pool.train_indices, scored)
         result = em.em_round(
             probabilities,
             given,
             layer.noise_matrix if self.rounds > 0 else None,
-            update_noise_matrix=self.schedule.updates_noise_matrix(self.rounds),
+            update_noise_matrix=update,
             initialisation=self.starts[self.start_index].initialisation,
             for_noise_matrix=_mask(pool.val_indices, scored) if self.noise_matrix_from == "validation" else in_train,
+            judged_by=_mask(pool.val_indices, scored) if judge else None,
         )
+        if result.m_step_kept is False:
+            self.m_steps_refused += 1
         if result.initial_noise_matrix is not None:
             self.initial_noise_matrix = result.initial_noise_matrix.cpu()
         self.theta_change = (result.noise_matrix - layer.noise_matrix.double()).abs().max().item()

@@ -368,6 +368,12 @@ class ProbabilitySums:
         scored = counts > 0
         return sums[scored] / counts[scored].unsqueeze(1), scored
 
+    def merge(self, other: ProbabilitySums) -> ProbabilitySums:
+        """Add ``other``'s sums and counts (e.g. another split's pass) to these."""
+        self.sums += other.sums.to(self.sums.device)
+        self.counts += other.counts.to(self.counts.device)
+        return self
+
     def to(self, device: torch.device | str) -> ProbabilitySums:
         self.sums, self.counts = self.sums.to(device), self.counts.to(device)
         return self
@@ -381,6 +387,8 @@ class RoundResult:
     noise_matrix: Tensor
     posterior: Tensor
     initial_noise_matrix: Tensor | None = None
+    # With ``judged_by``: whether the M-step's theta was kept (``None`` when no M-step was judged).
+    m_step_kept: bool | None = None
 
 
 def em_round(
@@ -391,6 +399,7 @@ def em_round(
     update_noise_matrix: bool = True,
     initialisation: Initialisation = "hard_confusion",
     for_noise_matrix: Tensor | None = None,
+    judged_by: Tensor | None = None,
 ) -> RoundResult:
     """One EM round: initialise theta if ``noise_matrix`` is ``None``, E-step, then (optionally) the theta M-step.
 
@@ -404,6 +413,10 @@ def em_round(
         update_noise_matrix: run the M-step (``False``: the round only updates the posteriors).
         for_noise_matrix: boolean mask over the ``R`` samples that feed the initialisation and the M-step
             (default: all), e.g. only the validation split.
+        judged_by: boolean mask over the ``R`` samples whose given labels judge the M-step (held-out samples,
+            disjoint from ``for_noise_matrix``): the new theta is kept only if it explains them at least as well
+            as the theta before the round, ``noisy_nll`` of :func:`noisy_label_fit` with this round's
+            ``p(y | x)``; otherwise theta stays as it was. ``None``: the M-step is always kept.
     """
     num_classes = class_probs.shape[1]
     mask = torch.ones_like(given_labels, dtype=torch.bool) if for_noise_matrix is None else for_noise_matrix
@@ -418,10 +431,20 @@ def em_round(
     noise_matrix = noise_matrix.double()
     # posterior() raises on NaN/Inf before anything is returned, so a diverged network leaves theta to the caller.
     posterior_ = posterior(class_probs.clamp_min(1e-30).log(), noise_matrix, given_labels)
+    kept = None
     if update_noise_matrix:
         statistics = noise_statistics(posterior_[mask], given_labels[mask], num_classes)
-        noise_matrix = normalise_rows(statistics, noise_matrix)
-    return RoundResult(noise_matrix, posterior_, initial)
+        proposed = normalise_rows(statistics, noise_matrix)
+        if judged_by is not None:
+            # A network that memorises wrong labels pulls the training-split M-step toward the identity; labels it
+            # never trained on do not follow, so they refuse such a step (and keep every step toward the truth).
+            held_probs, held_labels = class_probs[judged_by], given_labels[judged_by]
+            before = noisy_label_fit(held_probs, noise_matrix, held_labels)["noisy_nll"]
+            after = noisy_label_fit(held_probs, proposed, held_labels)["noisy_nll"]
+            kept = after <= before
+            proposed = proposed if kept else noise_matrix
+        noise_matrix = proposed
+    return RoundResult(noise_matrix, posterior_, initial, kept)
 
 
 def diagnostics(

@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def test_schedule() -> None:
         ({"initialisation": "uniform"}, "initialisation must be one of 'hard_confusion', 'soft_confusion'"),
         ({"hold_initial_rounds": -1}, "hold_initial_rounds must be an integer >= 0"),
         ({"hold_initial_rounds": True}, "hold_initial_rounds must be an integer >= 0, got True"),
+        ({"validate_noise_matrix": "yes"}, "validate_noise_matrix must be True or False, got 'yes'"),
+        (
+            {"validate_noise_matrix": True, "noise_matrix_from": "validation", "starts": [EMStart()]},
+            "noise_matrix_from must be 'train'",
+        ),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
@@ -286,6 +292,63 @@ def test_frozen_noise_matrix_stays_fixed() -> None:
     assert not torch.equal(history[0], callback.initial_noise_matrix.float())
     assert not torch.equal(history[1], history[0])
     assert torch.equal(history[2], history[1])
+
+
+@pytest.mark.parametrize("e_step", ["inference", "train_pass"])
+def test_a_refused_m_step_leaves_theta_as_it_was(monkeypatch: pytest.MonkeyPatch, e_step: str) -> None:
+    """validate_noise_matrix: every M-step judged worse on the validation split is refused and counted; the judge
+    sees the validation split's given labels and the round's p(y | x) of the same rows."""
+    judged: list[int] = []
+
+    def every_step_is_worse(class_probs: torch.Tensor, noise_matrix: torch.Tensor, labels: torch.Tensor) -> dict:
+        judged.append(labels.numel())
+        return {"noisy_accuracy": 0.0, "noisy_nll": float(len(judged) % 2 == 0)}  # before 0.0, after 1.0
+
+    monkeypatch.setattr(em_math, "noisy_label_fit", every_step_is_worse)
+    L.seed_everything(0)
+    callback = EMNoiseEstimation(
+        warmup_epochs=1, hold_initial_rounds=1, e_step=e_step, starts=[EMStart()], validate_noise_matrix=True
+    )
+    datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3)
+    trainer = quiet_trainer(max_epochs=4, callbacks=[callback])
+    trainer.fit(NoisyLabelClassifier(method="em"), datamodule)
+    history = callback.noise_matrix_history
+    assert len(history) == 4 and callback.m_steps_refused == 3  # round 0 is held; rounds 1-3 are judged
+    assert all(torch.equal(theta, callback.initial_noise_matrix.float()) for theta in history)
+    assert judged == [len(datamodule.pool.val_indices)] * 6
+    assert trainer.callback_metrics["em/m_steps_refused"].item() == 3
+
+
+def test_validated_m_steps_are_the_plain_ones_when_the_validation_labels_agree() -> None:
+    """With the judge on, a fit whose M-steps are all kept has the same theta as a fit without it."""
+    thetas = []
+    for validate in (False, True):
+        L.seed_everything(0)
+        callback = EMNoiseEstimation(
+            warmup_epochs=1, hold_initial_rounds=0, starts=[EMStart()], validate_noise_matrix=validate
+        )
+        quiet_trainer(max_epochs=3, callbacks=[callback]).fit(
+            NoisyLabelClassifier(method="em"), NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3)
+        )
+        thetas.append(torch.stack(callback.noise_matrix_history))
+    assert callback.m_steps_refused == 0
+    torch.testing.assert_close(thetas[1], thetas[0], rtol=0, atol=0)
+
+
+class NoValidationSplit(NoisyLabelDataModule):
+    """A data module whose pool holds out nothing (as a user's own NoisyLabelData may)."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        pool = self._pool
+        everything = torch.cat([pool.train_indices, pool.val_indices]).sort().values
+        self._pool = dataclasses.replace(pool, train_indices=everything, val_indices=everything[:0])
+
+
+def test_validate_noise_matrix_needs_a_validation_split() -> None:
+    callback = EMNoiseEstimation(warmup_epochs=1, starts=[EMStart()], validate_noise_matrix=True)
+    with pytest.raises(ValueError, match=r"validate_noise_matrix=True\) judges .* but the data has no validation"):
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(NoisyLabelClassifier(method="em"), NoValidationSplit())
 
 
 class NaNAfterWarmup(nn.Module):

@@ -176,3 +176,26 @@ def test_balanced_assignment_warns_when_it_stops_before_converging() -> None:
     with pytest.warns(RuntimeWarning, match="did not converge in max_iterations=1"):
         assignment = em.balanced_assignment(probs, torch.tensor([0.8, 0.1, 0.1]), max_iterations=1)
     torch.testing.assert_close(assignment.sum(dim=1), torch.ones(500, dtype=torch.float64))
+
+
+def test_a_judged_m_step_is_kept_only_if_held_out_labels_prefer_it() -> None:
+    """Training posteriors that follow the given labels propose the identity; held-out samples whose labels were
+    drawn through T refuse it. Posteriors from the truth propose T, which the same held-out samples accept."""
+    generator = torch.Generator().manual_seed(0)
+    truth = noise.build_transition_matrix("symmetric", 4, 0.4)
+    true_labels = torch.randint(0, 4, (4000,), generator=generator)
+    given = torch.multinomial(truth[true_labels], 1, generator=generator).squeeze(1)
+    held_out = torch.arange(4000) >= 3000
+    knows_truth = torch.nn.functional.one_hot(true_labels, 4).double() * 0.97 + 0.0075
+    memorised = torch.where(held_out.unsqueeze(1), knows_truth, torch.nn.functional.one_hot(given, 4).double())
+
+    drifting = em.em_round(memorised, given, truth, for_noise_matrix=~held_out, judged_by=held_out)
+    plain = em.em_round(memorised, given, truth, for_noise_matrix=~held_out)
+    assert drifting.m_step_kept is False and torch.equal(drifting.noise_matrix, truth.double())
+    assert em.noise_matrix_error(plain.noise_matrix, truth) > 0.3  # what the judge refused
+
+    start = em.normalise_rows(torch.eye(4, dtype=torch.float64) + 0.05)
+    improving = em.em_round(knows_truth, given, start, for_noise_matrix=~held_out, judged_by=held_out)
+    unjudged = em.em_round(knows_truth, given, start, for_noise_matrix=~held_out)
+    assert improving.m_step_kept is True and torch.equal(improving.noise_matrix, unjudged.noise_matrix)
+    assert em.em_round(knows_truth, given, start).m_step_kept is None
