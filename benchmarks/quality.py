@@ -315,6 +315,9 @@ VARIANTS = (
             ("permutation 46%", *PERMUTATION),
         )
     ),
+    # The training-pass E-step, which keeps theta off the identity at symmetric 80%, on the asymmetric rows.
+    Variant("pair-flip 45%: E-step from the training pass", *PAIR_FLIP, DEFAULT_EM.but(e_step="train_pass")),
+    Variant("permutation 46%: E-step from the training pass", *PERMUTATION, DEFAULT_EM.but(e_step="train_pass")),
     # The 50-epoch stretch that helps every row of the MNIST table but symmetric 80%.
     Variant(
         "permutation 46%: hard init, 6-epoch warm-up, 50 epochs",
