@@ -616,7 +616,8 @@ def write_variants_markdown(csv_path: Path, md_path: Path, metadata: str) -> Non
     runs = read_table(csv_path)
     dataset = runs[0]["dataset"] if runs else ""
     lines = [
-        f"# EM variants on {dataset}: uniform redraw 50% (effective flip 45%), pair-flip 45% and permutation 46%",
+        f"# EM variants on {dataset}: uniform redraw 50% (effective flip 45%), pair-flip 45%, permutation 46% "
+        "and symmetric 80%",
         "",
         metadata,
         "",

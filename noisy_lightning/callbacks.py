@@ -92,12 +92,13 @@ class EMNoiseEstimation(L.Callback):
         min_z: how much better a later start must agree with the validation split's given labels than the start
             kept so far to replace it, as the paired (McNemar) statistic of :func:`noisy_lightning.em.choose_start`
             (>= 0; 0 keeps whichever agrees most often).
-        validate_noise_matrix: keep each theta M-step only if the new theta explains the validation split's given
-            labels at least as well as the old one (``judged_by`` of :func:`noisy_lightning.em.em_round`); a
-            refused step leaves theta as it was. Costs an inference pass over the validation split per M-step;
-            needs a validation split and ``noise_matrix_from="train"``.
+        validate_noise_matrix: keep each theta M-step after the first round only if the new theta explains the
+            validation split's given labels at least as well as the old one (``judged_by`` of
+            :func:`noisy_lightning.em.em_round`); a refused step leaves theta as it was. Costs an inference pass over
+            the validation split per M-step; needs a validation split and ``noise_matrix_from="train"``.
 
-    Logged each epoch once EM has started: ``em/round``, ``em/theta_change`` and, when the data knows the truth,
+    Logged each epoch once EM has started: ``em/round``, ``em/theta_change``, ``em/start`` (with several starts),
+    ``em/m_steps_refused`` (with ``validate_noise_matrix``) and, when the data knows the truth,
     ``em/theta_error``, ``em/theta_max_abs_error``, ``em/label_recovery``, ``em/flip_precision`` and
     ``em/flip_recall`` (:func:`noisy_lightning.em.diagnostics`).
 
@@ -256,8 +257,15 @@ class EMNoiseEstimation(L.Callback):
             )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._give_back_max_epochs(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._give_back_max_epochs(trainer)  # Lightning skips teardown when the fit raises
+
+    def _give_back_max_epochs(self, trainer: L.Trainer) -> None:
         # Trials extend the fit loop's max_epochs; a Trainer used again (or read afterwards) has the user's value.
-        if stage == "fit" and self._fit_loop is trainer.fit_loop and self._max_epochs is not None:
+        if self._fit_loop is trainer.fit_loop and self._max_epochs is not None:
             trainer.fit_loop.max_epochs = self._max_epochs
 
     # ---- when rounds run ---------------------------------------------------------------------------------------
@@ -447,7 +455,10 @@ class EMNoiseEstimation(L.Callback):
             )
         pool, layer = trainer.datamodule.pool, pl_module.noise_layer
         update = self.schedule.updates_noise_matrix(self.rounds)
-        judge = self.validate_noise_matrix and update
+        # The first round initialises theta from the same probabilities: there is no earlier theta to judge against.
+        judge = self.validate_noise_matrix and update and self.rounds > 0
+        if sums is not None:
+            sums = sums.to(pl_module.device)  # sums restored from a checkpoint come back on the CPU
         if sums is None:
             with_validation = self.noise_matrix_from == "validation" or judge
             sums = inference_probabilities(trainer, pl_module, with_validation)
@@ -489,7 +500,8 @@ class EMNoiseEstimation(L.Callback):
         self.round_records.append(
             RoundRecord(self.rounds_run, self.start_index, self.rounds, self.noise_matrix_history[-1])
         )
-        updated = self.rounds - 1 > self.schedule.hold_initial_rounds  # held rounds change theta by 0 by design
+        # Held rounds change theta by 0 by design, and so does a refused M-step: neither means convergence.
+        updated = self.rounds - 1 > self.schedule.hold_initial_rounds and result.m_step_kept is not False
         chosen = self.trial >= len(self.starts)  # trials run their full length
         if self.convergence_tol is not None and updated and chosen and self.theta_change < self.convergence_tol:
             trainer.should_stop = True

@@ -307,7 +307,12 @@ def test_a_refused_m_step_leaves_theta_as_it_was(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(em_math, "noisy_label_fit", every_step_is_worse)
     L.seed_everything(0)
     callback = EMNoiseEstimation(
-        warmup_epochs=1, hold_initial_rounds=1, e_step=e_step, starts=[EMStart()], validate_noise_matrix=True
+        warmup_epochs=1,
+        hold_initial_rounds=1,
+        e_step=e_step,
+        starts=[EMStart()],
+        validate_noise_matrix=True,
+        convergence_tol=1.0,  # a refused step changes theta by 0, which must not read as convergence
     )
     datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3)
     trainer = quiet_trainer(max_epochs=4, callbacks=[callback])
@@ -317,10 +322,21 @@ def test_a_refused_m_step_leaves_theta_as_it_was(monkeypatch: pytest.MonkeyPatch
     assert all(torch.equal(theta, callback.initial_noise_matrix.float()) for theta in history)
     assert judged == [len(datamodule.pool.val_indices)] * 6
     assert trainer.callback_metrics["em/m_steps_refused"].item() == 3
+    resumed = EMNoiseEstimation(starts=[EMStart()], validate_noise_matrix=True)
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.m_steps_refused == 3  # saved with the EM state, so a resumed fit keeps counting
 
 
-def test_validated_m_steps_are_the_plain_ones_when_the_validation_labels_agree() -> None:
+def test_validated_m_steps_are_the_plain_ones_when_the_validation_labels_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the judge on, a fit whose M-steps are all kept has the same theta as a fit without it."""
+    judge = em_math.noisy_label_fit
+    judged: list[int] = []
+
+    def counted(*arguments: torch.Tensor) -> dict:
+        judged.append(arguments[2].numel())
+        return judge(*arguments)
+
+    monkeypatch.setattr(em_math, "noisy_label_fit", counted)
     thetas = []
     for validate in (False, True):
         L.seed_everything(0)
@@ -331,7 +347,7 @@ def test_validated_m_steps_are_the_plain_ones_when_the_validation_labels_agree()
             NoisyLabelClassifier(method="em"), NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3)
         )
         thetas.append(torch.stack(callback.noise_matrix_history))
-    assert callback.m_steps_refused == 0
+    assert callback.m_steps_refused == 0 and len(judged) == 4  # rounds 1 and 2 were judged, before and after each
     torch.testing.assert_close(thetas[1], thetas[0], rtol=0, atol=0)
 
 
