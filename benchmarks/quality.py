@@ -300,6 +300,13 @@ VARIANTS = (
         DEFAULT_EM.but(e_step="train_pass"),
         SEEDS_3,
     ),
+    Variant(
+        "symmetric 80%: E-step from the training pass, two starts",
+        "symmetric",
+        0.8,
+        DEFAULT_EM.but(e_step="train_pass", starts="two"),
+        SEEDS_3,
+    ),
     # Each M-step kept only if the validation split's given labels, which the network never fits, prefer it: at
     # symmetric 80% against the drift, on the other rows to see whether it costs anything.
     *(
