@@ -137,6 +137,7 @@ def test_a_bad_value_is_a_few_lines_naming_the_parameter(tmp_path: Path, overrid
     assert len(result.stderr.strip().splitlines()) <= 8
 
 
+@pytest.mark.slow
 def test_fit_help_lists_the_optimizer_once(tmp_path: Path) -> None:
     result = cli("fit", "--help", cwd=tmp_path)
     assert result.returncode == 0
@@ -158,7 +159,14 @@ def test_coteaching_is_chosen_by_its_class_path(tmp_path: Path) -> None:
     assert printed["init_args"]["forget_rate"] == 0.3
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+# The quickstart config stays in the fast subset; the full-MNIST ones (a subprocess each) are marked slow.
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(path, id=path.name, marks=() if path.name == "quickstart.yaml" else pytest.mark.slow)
+        for path in sorted((ROOT / "configs").glob("*.yaml"))
+    ],
+)
 def test_every_shipped_config_parses_and_logs_to_csv_with_figures(config: Path, tmp_path: Path) -> None:
     result = cli("fit", "--config", str(config), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -68,6 +68,7 @@ def source_table() -> np.ndarray:
     return table
 
 
+@pytest.mark.slow
 def test_build_mnist_sample_splits_400_and_100_per_class_in_file_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,6 +168,7 @@ def check_readme_figures(saved: dict[str, Figure], docs: Path, rounds: int) -> N
     assert sum(1 for axes in grid.axes if axes.images) == 72  # 6 x 12 digits
 
 
+@pytest.mark.slow
 def test_make_readme_figures_draws_the_three_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The script's whole path, shortened: 3 epochs with a warm-up of 3 end with one EM round."""
     saved, docs = run_readme_figures(tmp_path, monkeypatch, shorten=True)

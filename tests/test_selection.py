@@ -318,6 +318,7 @@ def test_the_epoch_that_ends_a_trial_shows_that_trial_not_the_restored_state(
     torch.testing.assert_close(logged.losses[2], losses_before_restore[0])  # train/loss of epoch 2 is epoch 2's
 
 
+@pytest.mark.slow
 def test_two_rounds_in_one_epoch_end_are_both_drawn(tmp_path: Path) -> None:
     """A next start without extra warm-up runs its first round in the epoch end that closed the trial before it."""
     from noisy_lightning import NoisyLabelFigures
