@@ -118,8 +118,16 @@ def markdown(rows: list[dict[str, object]], metadata: str, share: float) -> list
     penalties = sorted({float(row["penalty"]) for row in rows})  # type: ignore[arg-type]
     matrices = list(dict.fromkeys(str(row["matrix"]) for row in rows))
     cell = {(str(row["matrix"]), float(row["penalty"])): row for row in rows}  # type: ignore[arg-type]
-    header = "| matrix | " + " | ".join(f"penalty {penalty:g}" for penalty in penalties) + " |"
-    rule = "|---|" + "---|" * len(penalties)
+
+    def table(column: str) -> list[str]:
+        """One matrix per line, one penalty per column, ``column``'s theta error in each cell."""
+        header = "| matrix | " + " | ".join(f"penalty {penalty:g}" for penalty in penalties) + " |"
+        rows = [
+            f"| {name} | " + " | ".join(f"{cell[name, penalty][column]:.3f}" for penalty in penalties) + " |"
+            for name in matrices
+        ]
+        return [header, "|---|" + "---|" * len(penalties), *rows]
+
     lines = [
         "# A volume prior in EM's theta M-step, on exact statistics",
         "",
@@ -134,22 +142,12 @@ def markdown(rows: list[dict[str, object]], metadata: str, share: float) -> list
         "From the statistics of perfect posteriors (the plain M-step, penalty 0, returns T exactly; "
         "anything else is the prior's bias):",
         "",
-        header,
-        rule,
-        *(
-            f"| {name} | " + " | ".join(f"{cell[name, p]['error_from_truth']:.3f}" for p in penalties) + " |"
-            for name in matrices
-        ),
+        *table("error_from_truth"),
         "",
         f"From drifted statistics, posteriors that put {share:.0%} of their mass on the given label (penalty 0 is "
         "where the plain M-step goes):",
         "",
-        header,
-        rule,
-        *(
-            f"| {name} | " + " | ".join(f"{cell[name, p]['error_from_drifted']:.3f}" for p in penalties) + " |"
-            for name in matrices
-        ),
+        *table("error_from_drifted"),
         "",
     ]
     for penalty in penalties[1:]:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from noisy_lightning import em, peers
-from noisy_lightning.checks import check_choice, check_float, check_int, check_optional_int
+from noisy_lightning.checks import check_bool, check_choice, check_float, check_int, check_optional_int
 from noisy_lightning.contract import NoisyLabelData, require_noisy_label_data
 
 EStepSource = Literal["inference", "train_pass"]
@@ -159,9 +159,7 @@ class EMNoiseEstimation(L.Callback):
                 "starts with more than one EMStart choose by the validation split, so noise_matrix_from must be "
                 "'train' (got 'validation')"
             )
-        if not isinstance(validate_noise_matrix, bool):
-            raise ValueError(f"validate_noise_matrix must be True or False, got {validate_noise_matrix!r}")
-        if validate_noise_matrix and noise_matrix_from != "train":
+        if check_bool("validate_noise_matrix", validate_noise_matrix) and noise_matrix_from != "train":
             raise ValueError(
                 "validate_noise_matrix=True judges the M-step by the validation split, so "
                 f"noise_matrix_from must be 'train' (got {noise_matrix_from!r})"
@@ -457,13 +455,13 @@ class EMNoiseEstimation(L.Callback):
         update = self.schedule.updates_noise_matrix(self.rounds)
         # The first round initialises theta from the same probabilities: there is no earlier theta to judge against.
         judge = self.validate_noise_matrix and update and self.rounds > 0
-        if sums is not None:
-            sums = sums.to(pl_module.device)  # sums restored from a checkpoint come back on the CPU
         if sums is None:
             with_validation = self.noise_matrix_from == "validation" or judge
             sums = inference_probabilities(trainer, pl_module, with_validation)
-        elif judge:  # a training-pass E-step has no validation outputs: score that split in eval mode
-            sums.merge(inference_probabilities(trainer, pl_module, indices=pool.val_indices))
+        else:
+            sums = sums.to(pl_module.device)  # sums restored from a checkpoint come back on the CPU
+            if judge:  # a training-pass E-step has no validation outputs: score that split in eval mode
+                sums.merge(inference_probabilities(trainer, pl_module, indices=pool.val_indices))
         probabilities, scored = sums.mean(lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
         given = pool.given_labels.to(scored.device)[scored]
         in_train = _mask(pool.train_indices, scored)
@@ -697,9 +695,7 @@ class NoisyLabelFigures(L.Callback):
         self.grid_selection = check_choice(
             "grid_selection", grid_selection, ("first", "random", "most_confident", "least_confident")
         )
-        if not isinstance(track_test_accuracy, bool):
-            raise ValueError(f"track_test_accuracy must be True or False, got {track_test_accuracy!r}")
-        self.track_test_accuracy = track_test_accuracy
+        self.track_test_accuracy = check_bool("track_test_accuracy", track_test_accuracy)
         self.dpi = check_int("dpi", dpi, 30, 600)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.em_round_epochs: list[int] = []

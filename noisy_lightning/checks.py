@@ -48,6 +48,13 @@ def check_float(
     return float(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (not ``1``, not ``"yes"``); else raise ``ValueError``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``; else raise ``ValueError`` listing them."""
     choices = tuple(choices)

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from noisy_lightning.augment import random_shift
-from noisy_lightning.checks import check_choice, check_float, check_int
+from noisy_lightning.checks import check_bool, check_choice, check_float, check_int
 from noisy_lightning.contract import EvalBatch, NoisyLabelData, PredictBatch, TestBatch, TrainBatch
 from noisy_lightning.models import MLP, build_net, net_spec
 from noisy_lightning.noise_layer import METHODS, EMTargets, make_noise_layer
@@ -141,8 +141,7 @@ class NoisyLabelClassifier(L.LightningModule):
         check_choice("optimizer", optimizer, OPTIMIZERS)
         check_choice("lr_scheduler", lr_scheduler, ("none", "cosine"))
         check_int("augment_shift", augment_shift, 0)
-        if not isinstance(reseed_every_step, bool):
-            raise ValueError(f"reseed_every_step must be True or False, got {reseed_every_step!r}")
+        check_bool("reseed_every_step", reseed_every_step)
         if isinstance(net, dict):  # the description saved in a checkpoint's hyperparameters
             net = build_net(net)
         if net is not None and not isinstance(net, nn.Module):
