@@ -51,7 +51,10 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 def commit() -> str:
-    """The checked-out commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it.
+
+    Outside git: ``$NOISY_LIGHTNING_COMMIT``, which a copy of a clean checkout sent to another machine may set, or
+    ``unknown``."""
 
     def git(*arguments: str) -> subprocess.CompletedProcess[str]:
         # --no-optional-locks: reading must not refresh the index of a checkout someone else may be using.
@@ -61,10 +64,11 @@ def commit() -> str:
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
-            return "unknown"
+            # A copy of a clean checkout without its .git (a remote machine) may say which commit it is.
+            return os.environ.get("NOISY_LIGHTNING_COMMIT", "unknown")
         dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0
     except OSError:  # no git on this machine
-        return "unknown"
+        return os.environ.get("NOISY_LIGHTNING_COMMIT", "unknown")
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
@@ -158,11 +162,14 @@ def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(jobs: Sequence[J], measure: Callable[[J], R], workers: int = 1) -> Iterator[tuple[J, R]]:
+def run_jobs(
+    jobs: Sequence[J], measure: Callable[[J], R], workers: int = 1, threads: int | None = None
+) -> Iterator[tuple[J, R]]:
     """``(job, measure(job))`` for every job, in the order they finish.
 
     With ``workers == 1`` the jobs run one after another in this process. With more, each runs in one of ``workers``
-    spawned processes with :func:`threads_per_worker` torch threads (a GPU, if the fits use one, is shared by all),
+    spawned processes with ``threads`` torch threads (default :func:`threads_per_worker`; a GPU, if the fits use
+    one, is shared by all),
     and only this process sees the results: it stays the single writer of the results files, so a run stopped
     halfway leaves whole rows. ``measure`` and the jobs must then be picklable (a module-level function).
     """
@@ -174,7 +181,8 @@ def run_jobs(jobs: Sequence[J], measure: Callable[[J], R], workers: int = 1) -> 
         return
     # spawn, not fork: a forked CUDA context is unusable, and fork would copy this process's torch threads.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(threads_per_worker(workers),)) as pool:
+    threads = threads or threads_per_worker(workers)
+    with context.Pool(workers, initializer=_start_worker, initargs=(threads,)) as pool:
         yield from pool.imap_unordered(_JobRunner(measure), jobs)
 
 
@@ -189,10 +197,17 @@ class _JobRunner(Generic[J, R]):
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--accelerator`` and ``--workers``, shared by the scripts that fit through :func:`run_jobs`."""
+    """``--accelerator``, ``--workers`` and ``--threads``, shared by the scripts that fit through :func:`run_jobs`."""
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where every fit runs")
     parser.add_argument(
         "--workers", type=int, default=1, help="fits at a time, each in its own process (they share a GPU)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of each worker (default: the logical CPUs divided among --workers; lower it when "
+        "several scripts share the machine)",
     )
 
 
@@ -200,5 +215,7 @@ def check_fit_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
     """Refuse, through ``parser``, a worker count under 1 or a GPU that is not there."""
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be at least 1")
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu: no CUDA device is visible")

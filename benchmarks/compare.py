@@ -431,7 +431,7 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
     stem = args.out or RESULTS / f"compare_{args.dataset}"
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
     if args.workers > 1:  # the machine column says how the fits shared it
-        torch.set_num_threads(threads_per_worker(args.workers))
+        torch.set_num_threads(args.threads or threads_per_worker(args.workers))
     on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
     measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
@@ -452,7 +452,7 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
         for method in args.methods
         if (row.name, method, str(seed)) not in done
     ]
-    for job, result in run_jobs(jobs, functools.partial(measure, run=run), args.workers):
+    for job, result in run_jobs(jobs, functools.partial(measure, run=run), args.workers, args.threads):
         record = {
             "dataset": job.dataset,
             "row": job.row.name,

@@ -366,7 +366,7 @@ def main(fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_on
     stem = args.out or RESULTS / f"noise_suite_{args.dataset}"
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
     if args.workers > 1:  # the machine column says how the fits shared it
-        torch.set_num_threads(threads_per_worker(args.workers))
+        torch.set_num_threads(args.threads or threads_per_worker(args.workers))
     on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
     measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
@@ -383,7 +383,7 @@ def main(fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_on
         for method in args.methods
         if (entry.name, method, str(args.seed)) not in done
     ]
-    for job, result in run_jobs(jobs, functools.partial(measure, fit=fit), args.workers):
+    for job, result in run_jobs(jobs, functools.partial(measure, fit=fit), args.workers, args.threads):
         entry = job.entry
         record = {
             "dataset": job.dataset,

@@ -42,12 +42,16 @@ import torch
 from common import (
     QUIET_TRAINER,
     RESULTS,
+    add_fit_arguments,
     append_row,
+    check_fit_arguments,
     command_line,
     commit,
     machine,
     metadata_line,
     read_table,
+    run_jobs,
+    threads_per_worker,
     write_table,
     write_text,
 )
@@ -99,7 +103,7 @@ class Recipe:
     augment_shift: int = 2
     lr_scheduler: str = "cosine"
     em_targets: str = "online"
-    e_step: str = "inference"
+    e_step: str = "train_pass"
     noise_matrix_from: str = "train"
     warmup_epochs: int = 6
     initialisation: str = "hard_confusion"
@@ -143,8 +147,11 @@ def settings(recipe: Mapping[str, object]) -> dict[str, object]:
 
 DEFAULT_EM = Recipe()
 BASELINE_CE = DEFAULT_EM.but(method="ce")
+# The default recipe with the paper's E-step, an eval-mode pass at each round's end: the recipe most variants below
+# were measured around, before the training-pass E-step became the default.
+INFERENCE_EM = DEFAULT_EM.but(e_step="inference")
 NO_REGULARISATION = {"dropout": 0.0, "augment_shift": 0, "lr_scheduler": "none"}
-BALANCED_10 = DEFAULT_EM.but(initialisation="balanced", warmup_epochs=10)
+BALANCED_10 = INFERENCE_EM.but(initialisation="balanced", warmup_epochs=10)
 
 
 @dataclass(frozen=True)
@@ -173,44 +180,44 @@ VARIANTS = (
     Variant(
         "naive EM (stored posteriors, no regularisation, no held rounds)",
         *UNIFORM,
-        DEFAULT_EM.but(epochs=20, em_targets="stored", hold_initial_rounds=0, **NO_REGULARISATION),
+        INFERENCE_EM.but(epochs=20, em_targets="stored", hold_initial_rounds=0, **NO_REGULARISATION),
     ),
     Variant(
         "online posteriors, no regularisation",
         *UNIFORM,
-        DEFAULT_EM.but(epochs=20, **NO_REGULARISATION),
+        INFERENCE_EM.but(epochs=20, **NO_REGULARISATION),
     ),
     Variant(
         "stored posteriors + dropout 0.5 + shift 2",
         *UNIFORM,
-        DEFAULT_EM.but(em_targets="stored"),
+        INFERENCE_EM.but(em_targets="stored"),
     ),
     Variant(
         "single-start recipe: online posteriors + dropout 0.5 + shift 2, hard init, 3 held rounds, 6-epoch warm-up",
         *UNIFORM,
-        DEFAULT_EM,
+        INFERENCE_EM,
         SEEDS_3,
     ),
     Variant(
         "single-start recipe without held rounds (theta M-step from the first round)",
         *UNIFORM,
-        DEFAULT_EM.but(hold_initial_rounds=0),
+        INFERENCE_EM.but(hold_initial_rounds=0),
     ),
     Variant(
         "single-start recipe, theta M-step on the validation split",
         *UNIFORM,
-        DEFAULT_EM.but(noise_matrix_from="validation"),
+        INFERENCE_EM.but(noise_matrix_from="validation"),
     ),
     Variant(
         "single-start recipe, E-step from the training pass",
         *UNIFORM,
-        DEFAULT_EM.but(e_step="train_pass"),
+        INFERENCE_EM.but(e_step="train_pass"),
     ),
     # The learning curve of the default on seed 0 still rose at epoch 30, on the noisy validation labels too.
     Variant(
         "single-start recipe, 50 epochs (the cosine schedule stretched over 50)",
         *UNIFORM,
-        DEFAULT_EM.but(epochs=50),
+        INFERENCE_EM.but(epochs=50),
         SEEDS_3,
     ),
     Variant(
@@ -226,18 +233,18 @@ VARIANTS = (
     Variant(
         "pair-flip 45%: the paper's schedule (soft init, no held rounds, 2-epoch warm-up)",
         *PAIR_FLIP,
-        DEFAULT_EM.but(initialisation="soft_confusion", warmup_epochs=2, hold_initial_rounds=0),
+        INFERENCE_EM.but(initialisation="soft_confusion", warmup_epochs=2, hold_initial_rounds=0),
     ),
     Variant(
         "pair-flip 45%: hard init, 3 held rounds, 2-epoch warm-up",
         *PAIR_FLIP,
-        DEFAULT_EM.but(warmup_epochs=2),
+        INFERENCE_EM.but(warmup_epochs=2),
         SEEDS_6,
     ),
     Variant(
         "pair-flip 45%: hard init, 3 held rounds, 6-epoch warm-up (single-start recipe)",
         *PAIR_FLIP,
-        DEFAULT_EM,
+        INFERENCE_EM,
         SEEDS_6,
     ),
     Variant(
@@ -249,25 +256,25 @@ VARIANTS = (
     Variant(
         "permutation 46%: hard init, 3 held rounds, 2-epoch warm-up",
         *PERMUTATION,
-        DEFAULT_EM.but(warmup_epochs=2),
+        INFERENCE_EM.but(warmup_epochs=2),
         SEEDS_6,
     ),
     Variant(
         "permutation 46%: hard init, 3 held rounds, 6-epoch warm-up (single-start recipe)",
         *PERMUTATION,
-        DEFAULT_EM,
+        INFERENCE_EM,
         SEEDS_9,
     ),
     Variant(
         "permutation 46%: balanced init, 6-epoch warm-up",
         *PERMUTATION,
-        DEFAULT_EM.but(initialisation="balanced"),
+        INFERENCE_EM.but(initialisation="balanced"),
         SEEDS_6,
     ),
     Variant(
         "permutation 46%: hard init, 10-epoch warm-up",
         *PERMUTATION,
-        DEFAULT_EM.but(warmup_epochs=10),
+        INFERENCE_EM.but(warmup_epochs=10),
         SEEDS_9,
     ),
     Variant(
@@ -278,18 +285,18 @@ VARIANTS = (
     ),
     # Symmetric 80%, where EM ends below cross-entropy with theta drifting toward the identity: theta kept at its
     # initialisation, and theta estimated on the validation split, which the network never fits.
-    Variant("symmetric 80%: single-start recipe", "symmetric", 0.8, DEFAULT_EM),
+    Variant("symmetric 80%: single-start recipe", "symmetric", 0.8, INFERENCE_EM),
     Variant(
         "symmetric 80%: theta kept at its initialisation (freeze_noise_matrix_after=3)",
         "symmetric",
         0.8,
-        DEFAULT_EM.but(freeze_noise_matrix_after=3),
+        INFERENCE_EM.but(freeze_noise_matrix_after=3),
     ),
     Variant(
         "symmetric 80%: theta M-step on the validation split",
         "symmetric",
         0.8,
-        DEFAULT_EM.but(noise_matrix_from="validation"),
+        INFERENCE_EM.but(noise_matrix_from="validation"),
     ),
     # The noise adaptation layer, which keeps theta off the identity on this row, learns theta from the outputs of
     # the training steps (dropout and shifts on); the E-step can read the same outputs.
@@ -297,14 +304,14 @@ VARIANTS = (
         "symmetric 80%: E-step from the training pass (e_step='train_pass')",
         "symmetric",
         0.8,
-        DEFAULT_EM.but(e_step="train_pass"),
+        INFERENCE_EM.but(e_step="train_pass"),
         SEEDS_3,
     ),
     Variant(
         "symmetric 80%: E-step from the training pass, two starts",
         "symmetric",
         0.8,
-        DEFAULT_EM.but(e_step="train_pass", starts="two"),
+        INFERENCE_EM.but(e_step="train_pass", starts="two"),
         SEEDS_3,
     ),
     # Each M-step kept only if the validation split's given labels, which the network never fits, prefer it: at
@@ -314,7 +321,7 @@ VARIANTS = (
             f"validated M-steps (validate_noise_matrix=True), {name}",
             noise_type,
             rate,
-            DEFAULT_EM.but(validate_noise_matrix=True),
+            INFERENCE_EM.but(validate_noise_matrix=True),
         )
         for name, noise_type, rate in (
             ("symmetric 80%", "symmetric", 0.8),
@@ -324,13 +331,13 @@ VARIANTS = (
         )
     ),
     # The training-pass E-step, which keeps theta off the identity at symmetric 80%, on the asymmetric rows.
-    Variant("pair-flip 45%: E-step from the training pass", *PAIR_FLIP, DEFAULT_EM.but(e_step="train_pass")),
-    Variant("permutation 46%: E-step from the training pass", *PERMUTATION, DEFAULT_EM.but(e_step="train_pass")),
+    Variant("pair-flip 45%: E-step from the training pass", *PAIR_FLIP, INFERENCE_EM.but(e_step="train_pass")),
+    Variant("permutation 46%: E-step from the training pass", *PERMUTATION, INFERENCE_EM.but(e_step="train_pass")),
     # The 50-epoch stretch that helps every row of the MNIST table but symmetric 80%.
     Variant(
         "permutation 46%: hard init, 6-epoch warm-up, 50 epochs",
         *PERMUTATION,
-        DEFAULT_EM.but(epochs=50),
+        INFERENCE_EM.but(epochs=50),
         SEEDS_9,
     ),
 )
@@ -357,6 +364,9 @@ VARIANT_SELECTIONS: dict[str, tuple[Variant, ...]] = {
         VARIANT_BY_NAME["permutation 46%: hard init, 6-epoch warm-up, 50 epochs"],
     ),
 }
+
+
+ACCELERATOR = "cpu"  # every fit's; --accelerator sets it, in each worker process too
 
 
 def run_one(dataset: str, noise_type: str, noise_rate: float, seed: int, recipe: Recipe) -> dict[str, float]:
@@ -388,7 +398,9 @@ def run_one(dataset: str, noise_type: str, noise_rate: float, seed: int, recipe:
                 **starts,  # type: ignore[arg-type]
             )
         )
-    trainer = L.Trainer(accelerator="cpu", max_epochs=recipe.epochs, callbacks=callbacks, **QUIET_TRAINER)
+    trainer = L.Trainer(
+        accelerator=ACCELERATOR, devices=1, max_epochs=recipe.epochs, callbacks=callbacks, **QUIET_TRAINER
+    )
     started = time.perf_counter()
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - started
@@ -789,7 +801,9 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/...)")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the CSV")
+    add_fit_arguments(parser)
     args = parser.parse_args()
+    check_fit_arguments(parser, args)
     if args.select is not None and (args.out is None or len(args.select) < 2):
         parser.error("--select needs at least two tables and --out")
     if args.relabel and (args.out is None or args.select is not None):
@@ -804,6 +818,24 @@ def parse_arguments() -> argparse.Namespace:
         if given:
             parser.error(f"{', '.join(given)} train or copy runs: they do not go with --select or --relabel")
     return args
+
+
+class Fit(NamedTuple):
+    """One training run, picklable for a worker process."""
+
+    dataset: str
+    noise_type: str
+    noise_rate: float
+    seed: int
+    recipe: Recipe
+    accelerator: str
+
+
+def measure(fit: Fit) -> dict[str, float]:
+    """:func:`run_one` on the fit's accelerator (set here, since this may be a worker process)."""
+    global ACCELERATOR
+    ACCELERATOR = fit.accelerator
+    return run_one(fit.dataset, fit.noise_type, fit.noise_rate, fit.seed, fit.recipe)
 
 
 class Job(NamedTuple):
@@ -839,7 +871,10 @@ def jobs_for(args: argparse.Namespace) -> list[Job]:
 
 
 def train(args: argparse.Namespace, metadata: str, measured_by: dict[str, str]) -> None:
-    """Measure every job not yet in the CSV (with ``--resume``), a line and a fresh .md after each run."""
+    """Measure every job not yet in the CSV (with ``--resume``), a line and a fresh .md after each run.
+
+    Runs copied from ``--reuse-from`` tables are written first; the fits then run ``--workers`` at a time and are
+    written in the order they finish."""
     torch.set_float32_matmul_precision("high")
     stem = args.out or RESULTS / ("em_variants" if args.variants else f"quality_{args.dataset}")
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
@@ -847,47 +882,60 @@ def train(args: argparse.Namespace, metadata: str, measured_by: dict[str, str]) 
     lent = lent_runs(args.reuse_from, stem)
     fresh = not args.resume  # the first run replaces an old table (kept until then); later runs append
     hint = f"rewrite it first with: python benchmarks/quality.py --relabel --out {stem}"
+
+    def record(run: Mapping[str, object], method: str) -> None:
+        nonlocal fresh
+        if fresh:
+            write_table(csv_path, COLUMNS, [run])
+            fresh = False
+        else:
+            append_row(csv_path, COLUMNS, run, hint)
+        print(
+            f"{run['row']:>45} | {method} | seed {run['seed']} | test {float(run['test_acc']):.4f} | "
+            f"theta err {float(run['theta_error']):.3f} | recovery {float(run['label_recovery']):.4f} | "
+            + (f"copied from {run['source']}" if run["source"] else f"{float(run['fit_seconds']):.0f} s"),
+            flush=True,
+        )
+        (write_variants_markdown if args.variants else write_markdown)(csv_path, md_path, metadata)
+
     jobs = jobs_for(args)
+    rows_of: dict[Fit, list[str]] = {}  # a fit that two variants share is trained once and recorded for each
     for seed in sorted({seed for job in jobs for seed in job.seeds}):
         for job in (job for job in jobs if seed in job.seeds):
             if (job.row, job.recipe.method, str(seed)) in done:
                 continue
-            recipe = asdict(job.recipe)
-            copied = lent.get(recipe_key(args.dataset, job.noise_type, job.noise_rate, seed, recipe))
+            copied = lent.get(recipe_key(args.dataset, job.noise_type, job.noise_rate, seed, asdict(job.recipe)))
             if copied is not None:
-                run: Mapping[str, object] = {**copied, "row": job.row}
+                record({**copied, "row": job.row}, job.recipe.method)
             else:
-                result = run_one(args.dataset, job.noise_type, job.noise_rate, seed, job.recipe)
-                run = {
-                    "dataset": args.dataset,
-                    "row": job.row,
-                    "noise_type": job.noise_type,
-                    "noise_rate": job.noise_rate,
-                    "recipe": job.recipe.method,
-                    "seed": seed,
-                    "recipe_json": json.dumps(recipe),
+                fit = Fit(args.dataset, job.noise_type, job.noise_rate, seed, job.recipe, args.accelerator)
+                rows_of.setdefault(fit, []).append(job.row)
+    for fit, result in run_jobs(list(rows_of), measure, args.workers, args.threads):
+        for row in rows_of[fit]:
+            record(
+                {
+                    "dataset": fit.dataset,
+                    "row": row,
+                    "noise_type": fit.noise_type,
+                    "noise_rate": fit.noise_rate,
+                    "recipe": fit.recipe.method,
+                    "seed": fit.seed,
+                    "recipe_json": json.dumps(asdict(fit.recipe)),
                     **result,
                     **measured_by,
                     "source": "",
-                }
-            if fresh:
-                write_table(csv_path, COLUMNS, [run])
-                fresh = False
-            else:
-                append_row(csv_path, COLUMNS, run, hint)
-            print(
-                f"{job.row:>45} | {job.recipe.method} | seed {seed} | test {float(run['test_acc']):.4f} | "
-                f"theta err {float(run['theta_error']):.3f} | recovery {float(run['label_recovery']):.4f} | "
-                + (f"copied from {run['source']}" if run["source"] else f"{float(run['fit_seconds']):.0f} s"),
-                flush=True,
+                },
+                fit.recipe.method,
             )
-            (write_variants_markdown if args.variants else write_markdown)(csv_path, md_path, metadata)
     print(f"wrote {csv_path} and {md_path}")
 
 
 def main() -> None:
     args = parse_arguments()
-    measured_by = {"commit": commit(), "machine": machine(), "command": command_line()}
+    if args.workers > 1:  # the machine column says how the fits shared it
+        torch.set_num_threads(args.threads or threads_per_worker(args.workers))
+    on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
+    measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     if args.select is not None:
         write_selection(args.select, args.out, args.dataset, metadata)

@@ -66,9 +66,11 @@ class EMNoiseEstimation(L.Callback):
     Args:
         warmup_epochs: epochs on the given labels before the first round (>= 1).
         every_n_epochs: epochs between two rounds (>= 1).
-        e_step: where ``p(y | x)`` comes from: ``"inference"`` (an eval-mode pass over the training split at the
-            epoch's end) or ``"train_pass"`` (the outputs of the epoch's training steps: free, but with dropout
-            and augmentation on and each sample scored by the weights of its own step).
+        e_step: where ``p(y | x)`` comes from: ``"train_pass"`` (the outputs of the epoch's training steps, with
+            dropout and augmentation on and each sample scored by the weights of its own step: free, and the
+            network memorises its wrong labels less there, so theta stays near T under heavy noise) or
+            ``"inference"`` (an eval-mode pass over the training split at the epoch's end, the paper's). ``None``:
+            ``"train_pass"``, or ``"inference"`` with ``noise_matrix_from="validation"``.
         convergence_tol: stop training once a round that updates theta changes it by less than this (max absolute
             entry); ``None`` never stops early.
         freeze_noise_matrix_after: rounds after which theta stays fixed (``None``: never).
@@ -112,7 +114,7 @@ class EMNoiseEstimation(L.Callback):
         self,
         warmup_epochs: int = 6,
         every_n_epochs: int = 1,
-        e_step: EStepSource = "inference",
+        e_step: EStepSource | None = None,
         convergence_tol: float | None = None,
         freeze_noise_matrix_after: int | None = None,
         noise_matrix_from: Literal["train", "validation"] = "train",
@@ -130,6 +132,8 @@ class EMNoiseEstimation(L.Callback):
             check_int("hold_initial_rounds", hold_initial_rounds, 0),
             check_optional_int("freeze_noise_matrix_after", freeze_noise_matrix_after, 1),
         )
+        if e_step is None:  # the validation split is never trained on, so it has no training pass to read
+            e_step = "inference" if noise_matrix_from == "validation" else "train_pass"
         self.e_step = check_choice("e_step", e_step, ("inference", "train_pass"))
         if convergence_tol is not None:
             check_float("convergence_tol", convergence_tol, 0, open_minimum=True)
@@ -435,6 +439,8 @@ class EMNoiseEstimation(L.Callback):
             return
         if not self._schedule().is_round_epoch(trainer.current_epoch - self.epoch_offset):
             return
+        if self.rounds == 0:  # a start's first round initialises theta from an inference pass (see em_round)
+            return
         if self._train_pass is None:  # sums restored from a mid-epoch checkpoint of this epoch are kept
             pool = trainer.datamodule.pool
             self._train_pass = em.ProbabilitySums(pool.size, pool.num_classes, pl_module.device)
@@ -444,9 +450,11 @@ class EMNoiseEstimation(L.Callback):
     def em_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         """One E-step and (unless held or frozen) theta M-step; the first round initialises theta."""
         sums, self._train_pass = self._train_pass, None
-        # A later start's first round runs on restored weights, so no training pass was collected for it.
-        restarted = self.selects and self.trial > 0 and self.rounds == 0
-        if self.e_step == "train_pass" and sums is None and not restarted:
+        # A start's first round always reads an inference pass: theta's initialisation is the confusion of the
+        # network's argmax with the given labels, which dropout and shifts blur while the network is still young
+        # (on the 3,600-digit sample, a training-pass initialisation left theta at twice the error). A later
+        # start's first round also runs on restored weights, which no training pass has seen.
+        if self.e_step == "train_pass" and sums is None and self.rounds > 0:
             rank_zero_warn(
                 f"EMNoiseEstimation: no training-pass outputs were collected for epoch {epoch}; "
                 "this round's E-step uses an inference pass instead"

@@ -165,8 +165,9 @@ class RoundEpochs(L.Callback):
 @pytest.mark.parametrize("e_step", ["inference", "train_pass"])
 def test_rounds_every_n_epochs_land_on_the_scheduled_epochs(monkeypatch: pytest.MonkeyPatch, e_step: str) -> None:
     """warmup_epochs=2, every_n_epochs=3 over 9 epochs (0..8): rounds at the end of epochs 1, 4 and 7, one each.
-    An inference E-step reads the pool once per round; a train_pass E-step collects the round epochs' training
-    passes and never reads the pool (a round epoch it missed would fall back to an inference pass silently)."""
+    An inference E-step reads the pool once per round; a train_pass E-step reads it for the first round only (theta's
+    initialisation) and collects the later round epochs' training passes (a round epoch it missed would fall back to
+    an inference pass)."""
     L.seed_everything(0)
     callback = EMNoiseEstimation(warmup_epochs=2, every_n_epochs=3, hold_initial_rounds=0, e_step=e_step)
     recorder = RoundEpochs(callback)
@@ -184,7 +185,7 @@ def test_rounds_every_n_epochs_land_on_the_scheduled_epochs(monkeypatch: pytest.
     assert trainer.current_epoch == 9
     assert recorder.rounds_after_epoch == [(1, 1), (4, 2), (7, 3)]
     assert callback.rounds == 3 and callback.last_round_epoch == 7 and len(callback.noise_matrix_history) == 3
-    assert pool_reads == ([1, 4, 7] if e_step == "inference" else [])
+    assert pool_reads == ([1, 4, 7] if e_step == "inference" else [1])
 
 
 @pytest.mark.slow
@@ -220,13 +221,22 @@ def test_em_on_the_sample_improves_theta_over_its_initialisation(em_targets: str
 def test_train_pass_e_step_runs_and_uses_every_training_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     L.seed_everything(0)
     datamodule = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.3, batch_size=256)
-    # A round without training-pass sums falls back to an inference pass over the pool, which would make this test
-    # pass without the training pass: reading the pool fails it instead.
-    monkeypatch.setattr(datamodule, "pool_dataloader", lambda indices=None: pytest.fail("an inference pass ran"))
-    callback = EMNoiseEstimation(warmup_epochs=1, e_step="train_pass")
+    # The first round initialises theta from an inference pass over the pool. A later round without training-pass
+    # sums would fall back to one too, which would make this test pass without the training pass: counting the
+    # pool's reads fails it instead.
+    trainer = quiet_trainer(max_epochs=3, callbacks=[callback := EMNoiseEstimation(warmup_epochs=1)])
+    pool_reads: list[int] = []
+    read_pool = datamodule.pool_dataloader
+
+    def counting_pool_dataloader(indices: torch.Tensor | None = None) -> object:
+        pool_reads.append(trainer.current_epoch)
+        return read_pool(indices)
+
+    monkeypatch.setattr(datamodule, "pool_dataloader", counting_pool_dataloader)
     model = NoisyLabelClassifier(method="em", em_targets="stored")
-    quiet_trainer(max_epochs=2, callbacks=[callback]).fit(model, datamodule)
-    assert callback.rounds == 2
+    trainer.fit(model, datamodule)
+    assert callback.e_step == "train_pass"  # the default
+    assert callback.rounds == 3 and pool_reads == [0]
     rows = model.noise_layer.posterior_table[datamodule.pool.train_indices]
     assert torch.allclose(rows.sum(dim=1), torch.ones(len(rows)), atol=1e-5)  # every training row was scored
 
@@ -382,7 +392,8 @@ def test_nan_network_is_caught_at_the_e_step_and_theta_is_kept() -> None:
     L.seed_everything(0)
     net = NaNAfterWarmup()
     model = NoisyLabelClassifier(method="em", net=net)
-    callback = EMNoiseEstimation(warmup_epochs=1)
+    # Poisoned at an epoch's end, the net's training-pass outputs of that epoch are still finite: read an eval pass.
+    callback = EMNoiseEstimation(warmup_epochs=1, e_step="inference")
 
     class Poison(L.Callback):
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -490,7 +501,10 @@ def test_defaults_are_the_measured_recipe() -> None:
     assert {key: model.hparams[key] for key in expected} == expected
     callback = EMNoiseEstimation()
     assert callback.schedule == em_math.EMSchedule(warmup_epochs=6, every_n_epochs=1, hold_initial_rounds=3)
-    assert (callback.e_step, callback.initialisation) == ("inference", "hard_confusion")
+    # The E-step reads the training pass (benchmarks/results/quality_mnist_defaults.md); an M-step on the
+    # validation split has no training pass to read, so it gets the eval-mode E-step.
+    assert (callback.e_step, callback.initialisation) == ("train_pass", "hard_confusion")
+    assert EMNoiseEstimation(noise_matrix_from="validation").e_step == "inference"
     # Two starts from one warm-up, one kept by the noisy validation labels (benchmarks/results/em_starts.md).
     assert callback.starts == (EMStart(0, "hard_confusion"), EMStart(4, "balanced")) == em_math.DEFAULT_STARTS
     assert (callback.trial_epochs, callback.min_z) == (8, 1.0)
