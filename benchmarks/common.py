@@ -53,8 +53,11 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def commit() -> str:
     """The checked-out commit, with ``-dirty`` when tracked files differ from it.
 
-    Outside git: ``$NOISY_LIGHTNING_COMMIT``, which a copy of a clean checkout sent to another machine may set, or
-    ``unknown``."""
+    ``$NOISY_LIGHTNING_COMMIT``, when set, instead: a copy of a clean checkout sent to another machine says which
+    commit it is (its own git history, if any, may be another's). ``unknown`` outside git."""
+
+    if given := os.environ.get("NOISY_LIGHTNING_COMMIT"):  # a copy of a clean checkout, sent without its history
+        return given
 
     def git(*arguments: str) -> subprocess.CompletedProcess[str]:
         # --no-optional-locks: reading must not refresh the index of a checkout someone else may be using.
@@ -64,11 +67,10 @@ def commit() -> str:
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
-            # A copy of a clean checkout without its .git (a remote machine) may say which commit it is.
-            return os.environ.get("NOISY_LIGHTNING_COMMIT", "unknown")
+            return "unknown"
         dirty = git("diff", "--quiet", "HEAD", "--").returncode != 0
     except OSError:  # no git on this machine
-        return os.environ.get("NOISY_LIGHTNING_COMMIT", "unknown")
+        return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
