@@ -256,7 +256,8 @@ def write_markdown(csv_path: Path, md_path: Path, dataset: str, metadata: str) -
         "Both methods with the library's defaults (784-500-300-10 MLP, dropout 0.5, 2-pixel shifts, Adam 1e-3, "
         "cosine schedule, batch 256, 30 epochs, the last epoch's model), one seed per matrix. Clean test accuracy "
         "(%); theta error = ||theta - T||_1 / ||T||_1 against the realised corruption; recovered = share of training "
-        "labels whose EM posterior argmax is the true label. The matrices: `python benchmarks/noise_suite.py --list`.",
+        "labels whose corrected label from `find_label_issues` (an eval-mode pass) is the true label. The "
+        "matrices: `python benchmarks/noise_suite.py --list`.",
         "",
         "| family | matrix | min diagonal | diagonally dominant | flip rate (%) | CE | EM | EM - CE | theta error | "
         "recovered (%) |",

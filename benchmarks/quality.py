@@ -499,8 +499,10 @@ def write_markdown(csv_path: Path, md_path: Path, metadata: str) -> None:
         "",
         *provenance(runs),
         "Clean test accuracy (%) at the last epoch, mean ± std over seeds; theta error = ||theta - T||_1 / ||T||_1; "
-        "recovery = share of training labels whose EM posterior argmax is the true label. The clean baseline is "
-        "the same network and recipe as the CE column, trained on uncorrupted labels.",
+        "recovery = share of training labels whose posterior argmax in EM's last E-step is the true label (with "
+        "e_step='train_pass' that E-step reads outputs with dropout and shifts on, so it reads lower than the "
+        "eval-mode posteriors of find_label_issues, which noise_suite_*.md reports). The clean baseline is the same "
+        "network and recipe as the CE column, trained on uncorrupted labels.",
         "",
         "| noise | seeds | CE on noisy labels | EM (ours) | clean labels | theta error | recovered (%) | published |",
         "|---|---|---|---|---|---|---|---|",

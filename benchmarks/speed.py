@@ -12,10 +12,10 @@ digits) and the same batch size, on one device:
 2. ``torchvision``: the usual recipe, ``torchvision.datasets.MNIST`` with ``ToTensor``/``Normalize`` through a
    default ``DataLoader`` into a plain ``LightningModule``;
 3. ``ours_ce``: ``NoisyLabelClassifier(method="ce")`` + ``NoisyLabelDataModule`` under ``Trainer.fit``;
-4. ``ours_em``: the same with ``method="em"``; every measured epoch ends with an EM round (inference E-step over
-   the training split, theta M-step) and trains on online posteriors;
-5. ``ours_em_train_pass``: EM with ``e_step="train_pass"``, which reuses the training step's outputs instead of
-   an extra forward pass over the training split.
+4. ``ours_em``: the same with ``method="em"`` and ``e_step="inference"``; every measured epoch ends with an EM
+   round (an eval-mode E-step pass over the training split, theta M-step) and trains on online posteriors;
+5. ``ours_em_train_pass``: EM with the default ``e_step="train_pass"``, which reuses the training step's outputs
+   instead of an extra forward pass over the training split.
 
 The contenders are interleaved in one process, round after round, so that the machine's noise hits all alike;
 each reported epoch time is the median over the measured epochs (the first epoch of every run is a warm-up and

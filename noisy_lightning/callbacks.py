@@ -68,9 +68,10 @@ class EMNoiseEstimation(L.Callback):
         every_n_epochs: epochs between two rounds (>= 1).
         e_step: where ``p(y | x)`` comes from: ``"train_pass"`` (the outputs of the epoch's training steps, with
             dropout and augmentation on and each sample scored by the weights of its own step: free, and the
-            network memorises its wrong labels less there, so theta stays near T under heavy noise) or
-            ``"inference"`` (an eval-mode pass over the training split at the epoch's end, the paper's). ``None``:
-            ``"train_pass"``, or ``"inference"`` with ``noise_matrix_from="validation"``.
+            network memorises its wrong labels less there, so theta stays near T under heavy noise; each start's
+            first round, which initialises theta, still reads an eval-mode pass) or ``"inference"`` (an eval-mode
+            pass over the training split at every round's epoch end, the paper's). ``None``: ``"train_pass"``, or
+            ``"inference"`` with ``noise_matrix_from="validation"``.
         convergence_tol: stop training once a round that updates theta changes it by less than this (max absolute
             entry); ``None`` never stops early.
         freeze_noise_matrix_after: rounds after which theta stays fixed (``None``: never).
@@ -451,9 +452,8 @@ class EMNoiseEstimation(L.Callback):
         """One E-step and (unless held or frozen) theta M-step; the first round initialises theta."""
         sums, self._train_pass = self._train_pass, None
         # A start's first round always reads an inference pass: theta's initialisation is the confusion of the
-        # network's argmax with the given labels, which dropout and shifts blur while the network is still young
-        # (on the 3,600-digit sample, a training-pass initialisation left theta at twice the error). A later
-        # start's first round also runs on restored weights, which no training pass has seen.
+        # network's argmax with the given labels, which dropout and shifts blur while the network is still young.
+        # A later start's first round also runs on restored weights, which no training pass has seen.
         if self.e_step == "train_pass" and sums is None and self.rounds > 0:
             rank_zero_warn(
                 f"EMNoiseEstimation: no training-pass outputs were collected for epoch {epoch}; "

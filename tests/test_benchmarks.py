@@ -552,7 +552,7 @@ def test_noise_suite_resumes_and_reports_the_misses(tmp_path: Path, monkeypatch:
     assert "Median theta error over the 8 matrices with an EM fit: 0.010" in table
 
 
-TABLE_OF = {"ce": "quality_mnist", "em": "quality_mnist_two_starts"}
+TABLE_OF = {"ce": "quality_mnist", "em": "quality_mnist_defaults"}
 
 
 def test_compare_reproduces_the_quality_tables_cross_entropy_and_em_runs() -> None:
@@ -571,7 +571,8 @@ def test_compare_reproduces_the_quality_tables_cross_entropy_and_em_runs() -> No
             if (other["row"], other["recipe"], other["seed"]) == (run["row"], run["method"], run["seed"])
             and other["source"] == ""
         ]
-        if not same:
+        # GPU fits are not bit-reproducible (atomic additions in the backward pass and the E-step's sums)
+        if not same or "NVIDIA" in run["machine"] or "NVIDIA" in same[0]["machine"]:
             continue
         # the same fit on the same kind of machine: the same test accuracy (float32, printed with 4 or more digits)
         assert float(run["test_acc"]) == pytest.approx(float(same[0]["test_acc"]), abs=1e-6), run["row"]
@@ -588,11 +589,38 @@ def test_reproduce_corrupts_with_the_papers_permutation() -> None:
         assert noisy_class != true_class and matrix[true_class, noisy_class] == 0.46
 
 
-def test_fit_scripts_refuse_fewer_than_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    compare = _load("compare")
-    monkeypatch.setattr(sys, "argv", ["compare.py", "--workers", "0"])
+@pytest.mark.parametrize("script", ["compare", "quality", "noise_suite"])
+@pytest.mark.parametrize("option", [["--workers", "0"], ["--threads", "0"]])
+def test_fit_scripts_refuse_fewer_than_one_worker_or_thread(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], script: str, option: list[str]
+) -> None:
+    module = _load(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *option])
     with pytest.raises(SystemExit):
-        compare.parse_arguments()
+        module.parse_arguments()
+    assert f"{option[0]} 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_run_jobs_gives_each_worker_the_threads_asked_for() -> None:
+    _load("compare")
+    import common as shared
+
+    # 3 is not what 2 workers get by default on a machine of 2, 4 or 8 logical CPUs
+    assert sorted(shared.run_jobs([1, 2], _torch_threads, workers=2, threads=3)) == [(1, 3), (2, 3)]
+
+
+def _torch_threads(_: int) -> int:
+    return torch.get_num_threads()
+
+
+def test_a_results_file_names_the_commit_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    _load("compare")
+    import common as shared
+
+    monkeypatch.setenv("NOISY_LIGHTNING_COMMIT", "0123abc")
+    assert shared.commit() == "0123abc"
+    monkeypatch.delenv("NOISY_LIGHTNING_COMMIT")
+    assert shared.commit() != "0123abc"
 
 
 def test_volume_prior_is_the_plain_m_step_at_zero_and_raises_its_objective_otherwise() -> None:
