@@ -283,8 +283,9 @@ VARIANTS = (
         BALANCED_10,
         SEEDS_9,
     ),
-    # Symmetric 80%, where EM ends below cross-entropy with theta drifting toward the identity: theta kept at its
-    # initialisation, and theta estimated on the validation split, which the network never fits.
+    # Symmetric 80%, where EM with the eval-mode E-step ends below cross-entropy with theta drifting toward the
+    # identity: theta kept at its initialisation, and theta estimated on the validation split, which the network
+    # never fits.
     Variant("symmetric 80%: single-start recipe", "symmetric", 0.8, INFERENCE_EM),
     Variant(
         "symmetric 80%: theta kept at its initialisation (freeze_noise_matrix_after=3)",
@@ -779,6 +780,12 @@ def parse_arguments() -> argparse.Namespace:
         "--starts", choices=["one", "two"], default=None, help="override every EM recipe's starts (see Recipe)"
     )
     parser.add_argument(
+        "--e-step",
+        choices=["train_pass", "inference"],
+        default=None,
+        help="override every EM recipe's E-step ('inference': the eval-mode pass, the default before 0.3.0)",
+    )
+    parser.add_argument(
         "--select",
         type=Path,
         nargs="+",
@@ -814,7 +821,9 @@ def parse_arguments() -> argparse.Namespace:
         # A results file records its command: an option that would do nothing must not appear in it.
         training = {"--seeds": args.seeds, "--rows": args.rows, "--epochs": args.epochs, "--resume": args.resume}
         training |= {"--warmup-epochs": args.warmup_epochs, "--initialisation": args.initialisation}
-        training |= {"--starts": args.starts}
+        training |= {"--starts": args.starts, "--e-step": args.e_step}
+        training |= {"--accelerator": args.accelerator != "cpu", "--workers": args.workers != 1}
+        training |= {"--threads": args.threads}
         training |= {"--reuse-from": args.select is not None and args.reuse_from}
         given = [option for option, value in training.items() if value not in (None, False, [])]
         if given:
@@ -837,6 +846,7 @@ def measure(fit: Fit) -> dict[str, float]:
     """:func:`run_one` on the fit's accelerator (set here, since this may be a worker process)."""
     global ACCELERATOR
     ACCELERATOR = fit.accelerator
+    torch.set_float32_matmul_precision("high")  # as train() sets it: a worker process starts at "highest"
     return run_one(fit.dataset, fit.noise_type, fit.noise_rate, fit.seed, fit.recipe)
 
 
@@ -851,6 +861,7 @@ class Job(NamedTuple):
 def jobs_for(args: argparse.Namespace) -> list[Job]:
     """What a training run measures: the chosen rows or variants, with the overrides applied."""
     overrides = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "initialisation": args.initialisation}
+    overrides["e_step"] = args.e_step
     overrides["starts"] = args.starts
     overrides = {key: value for key, value in overrides.items() if value is not None}
 

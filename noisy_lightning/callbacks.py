@@ -76,7 +76,7 @@ class EMNoiseEstimation(L.Callback):
             entry); ``None`` never stops early.
         freeze_noise_matrix_after: rounds after which theta stays fixed (``None``: never).
         noise_matrix_from: ``"train"`` or ``"validation"``: the split whose posteriors feed the M-step (the
-            validation split is never trained on; needs ``e_step="inference"``).
+            validation split is never trained on; needs ``e_step="inference"``, which ``e_step=None`` then picks).
         initialisation: ``"hard_confusion"``, ``"soft_confusion"`` (the paper's) or ``"balanced"``
             (:func:`noisy_lightning.em.balanced_assignment`).
         hold_initial_rounds: rounds (>= 0) that keep theta at its initialisation.
@@ -454,7 +454,9 @@ class EMNoiseEstimation(L.Callback):
         # A start's first round always reads an inference pass: theta's initialisation is the confusion of the
         # network's argmax with the given labels, which dropout and shifts blur while the network is still young.
         # A later start's first round also runs on restored weights, which no training pass has seen.
-        if self.e_step == "train_pass" and sums is None and self.rounds > 0:
+        if self.rounds == 0:  # sums of a first round epoch restored from an older checkpoint are partial: drop them
+            sums = None
+        elif self.e_step == "train_pass" and sums is None:
             rank_zero_warn(
                 f"EMNoiseEstimation: no training-pass outputs were collected for epoch {epoch}; "
                 "this round's E-step uses an inference pass instead"
