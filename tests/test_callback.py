@@ -8,7 +8,14 @@ import torch
 from helpers import FrozenClassifier, quiet_trainer
 from torch import nn
 
-from noisy_lightning import MLP, EMNoiseEstimation, EMStart, NoisyLabelClassifier, NoisyLabelDataModule
+from noisy_lightning import (
+    MLP,
+    EMNoiseEstimation,
+    EMStart,
+    NoisyLabelClassifier,
+    NoisyLabelDataModule,
+    find_label_issues,
+)
 from noisy_lightning import em as em_math
 
 
@@ -214,7 +221,13 @@ def test_em_on_the_sample_improves_theta_over_its_initialisation(em_targets: str
     if em_targets == "online":
         # The noisy labels alone are 55% right. (Stored targets are the naive variant that memorises itself back
         # toward the noisy labels: benchmarks/results/ reports it; here only its theta improvement is asserted.)
-        assert metrics["em/label_recovery"] > 0.8
+        # The logged recovery reads the last E-step, which the default takes from the training pass (dropout and
+        # shifts on); the corrected labels that find_label_issues writes come from an eval-mode pass.
+        assert metrics["em/label_recovery"] > 0.7
+        issues = find_label_issues(model, datamodule)
+        train = ~issues.in_validation
+        truth = datamodule.pool.clean_labels[issues.index[train]]
+        assert (issues.corrected_label[train] == truth).double().mean() > 0.8
     assert {"em/flip_precision", "em/flip_recall", "em/theta_max_abs_error", "em/round"} <= set(metrics)
 
 
