@@ -213,6 +213,17 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def fit_provenance(args: argparse.Namespace) -> dict[str, str]:
+    """The ``commit``, ``machine`` and ``command`` columns of a fit script's rows, from its parsed arguments.
+
+    With several workers this process takes their thread count too, so that the machine column says how the fits
+    shared the machine."""
+    if args.workers > 1:
+        torch.set_num_threads(args.threads or threads_per_worker(args.workers))
+    on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
+    return {"commit": commit(), "machine": on_machine, "command": command_line()}
+
+
 def check_fit_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, through ``parser``, a worker count under 1 or a GPU that is not there."""
     if args.workers < 1:

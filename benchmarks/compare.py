@@ -48,14 +48,11 @@ from common import (
     add_fit_arguments,
     append_row,
     check_fit_arguments,
-    command_line,
-    commit,
-    machine,
+    fit_provenance,
     metadata_line,
     provenance,
     read_table,
     run_jobs,
-    threads_per_worker,
     write_table,
     write_text,
 )
@@ -430,10 +427,7 @@ def main(run: Callable[[str, NoisyLabelDataModule], dict[str, float]] = run_meth
     args = parse_arguments()
     stem = args.out or RESULTS / f"compare_{args.dataset}"
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    if args.workers > 1:  # the machine column says how the fits shared it
-        torch.set_num_threads(args.threads or threads_per_worker(args.workers))
-    on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
-    measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
+    measured_by = fit_provenance(args)
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     if args.markdown_only:
         write_markdown(csv_path, md_path, args.dataset, metadata, args.table_seeds)

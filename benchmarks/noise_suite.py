@@ -45,14 +45,11 @@ from common import (
     add_fit_arguments,
     append_row,
     check_fit_arguments,
-    command_line,
-    commit,
-    machine,
+    fit_provenance,
     metadata_line,
     provenance,
     read_table,
     run_jobs,
-    threads_per_worker,
     write_text,
 )
 
@@ -366,10 +363,7 @@ def main(fit: Callable[[str, SuiteMatrix, str, int], dict[str, object]] = fit_on
         return
     stem = args.out or RESULTS / f"noise_suite_{args.dataset}"
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    if args.workers > 1:  # the machine column says how the fits shared it
-        torch.set_num_threads(args.threads or threads_per_worker(args.workers))
-    on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
-    measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
+    measured_by = fit_provenance(args)
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     if args.markdown_only:
         write_markdown(csv_path, md_path, args.dataset, metadata)

@@ -45,13 +45,10 @@ from common import (
     add_fit_arguments,
     append_row,
     check_fit_arguments,
-    command_line,
-    commit,
-    machine,
+    fit_provenance,
     metadata_line,
     read_table,
     run_jobs,
-    threads_per_worker,
     write_table,
     write_text,
 )
@@ -147,8 +144,8 @@ def settings(recipe: Mapping[str, object]) -> dict[str, object]:
 
 DEFAULT_EM = Recipe()
 BASELINE_CE = DEFAULT_EM.but(method="ce")
-# The default recipe with the paper's E-step, an eval-mode pass at each round's end: the recipe most variants below
-# were measured around, before the training-pass E-step became the default.
+# The default recipe with the paper's E-step, an eval-mode pass at each round's end (the default before 0.3.0): the
+# recipe most variants below are measured around.
 INFERENCE_EM = DEFAULT_EM.but(e_step="inference")
 NO_REGULARISATION = {"dropout": 0.0, "augment_shift": 0, "lr_scheduler": "none"}
 BALANCED_10 = INFERENCE_EM.but(initialisation="balanced", warmup_epochs=10)
@@ -945,10 +942,7 @@ def train(args: argparse.Namespace, metadata: str, measured_by: dict[str, str]) 
 
 def main() -> None:
     args = parse_arguments()
-    if args.workers > 1:  # the machine column says how the fits shared it
-        torch.set_num_threads(args.threads or threads_per_worker(args.workers))
-    on_machine = machine(args.accelerator) + (f", {args.workers} fits at a time" if args.workers > 1 else "")
-    measured_by = {"commit": commit(), "machine": on_machine, "command": command_line()}
+    measured_by = fit_provenance(args)
     metadata = metadata_line(measured_by["command"], measured_by["commit"], measured_by["machine"])
     if args.select is not None:
         write_selection(args.select, args.out, args.dataset, metadata)

@@ -169,6 +169,21 @@ class RoundEpochs(L.Callback):
         self._read(trainer.current_epoch - 1)
 
 
+def count_pool_reads(
+    monkeypatch: pytest.MonkeyPatch, datamodule: NoisyLabelDataModule, trainer: L.Trainer
+) -> list[int]:
+    """The epochs at which the pool is read (each inference pass over it), filled in as ``trainer`` fits."""
+    reads: list[int] = []
+    read_pool = datamodule.pool_dataloader
+
+    def counting_pool_dataloader(indices: torch.Tensor | None = None) -> object:
+        reads.append(trainer.current_epoch)
+        return read_pool(indices)
+
+    monkeypatch.setattr(datamodule, "pool_dataloader", counting_pool_dataloader)
+    return reads
+
+
 @pytest.mark.parametrize("e_step", ["inference", "train_pass"])
 def test_rounds_every_n_epochs_land_on_the_scheduled_epochs(monkeypatch: pytest.MonkeyPatch, e_step: str) -> None:
     """warmup_epochs=2, every_n_epochs=3 over 9 epochs (0..8): rounds at the end of epochs 1, 4 and 7, one each.
@@ -180,14 +195,7 @@ def test_rounds_every_n_epochs_land_on_the_scheduled_epochs(monkeypatch: pytest.
     recorder = RoundEpochs(callback)
     trainer = quiet_trainer(max_epochs=9, callbacks=[callback, recorder], limit_val_batches=0)
     datamodule = NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3, batch_size=512)
-    pool_reads: list[int] = []
-    read_pool = datamodule.pool_dataloader
-
-    def counting_pool_dataloader(indices: torch.Tensor | None = None) -> object:
-        pool_reads.append(trainer.current_epoch)
-        return read_pool(indices)
-
-    monkeypatch.setattr(datamodule, "pool_dataloader", counting_pool_dataloader)
+    pool_reads = count_pool_reads(monkeypatch, datamodule, trainer)
     trainer.fit(FrozenClassifier(net=MLP(hidden_sizes=[32], dropout=0.0), method="em"), datamodule)
     assert trainer.current_epoch == 9
     assert recorder.rounds_after_epoch == [(1, 1), (4, 2), (7, 3)]
@@ -238,14 +246,7 @@ def test_train_pass_e_step_runs_and_uses_every_training_sample(monkeypatch: pyte
     # sums would fall back to one too, which would make this test pass without the training pass: counting the
     # pool's reads fails it instead.
     trainer = quiet_trainer(max_epochs=3, callbacks=[callback := EMNoiseEstimation(warmup_epochs=1)])
-    pool_reads: list[int] = []
-    read_pool = datamodule.pool_dataloader
-
-    def counting_pool_dataloader(indices: torch.Tensor | None = None) -> object:
-        pool_reads.append(trainer.current_epoch)
-        return read_pool(indices)
-
-    monkeypatch.setattr(datamodule, "pool_dataloader", counting_pool_dataloader)
+    pool_reads = count_pool_reads(monkeypatch, datamodule, trainer)
     model = NoisyLabelClassifier(method="em", em_targets="stored")
     trainer.fit(model, datamodule)
     assert callback.e_step == "train_pass"  # the default
