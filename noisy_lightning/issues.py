@@ -27,9 +27,11 @@ def score_pool(model: L.LightningModule, pool: NoisyPool, batch_size: int = 4096
     ``c[t, i] ∝ p(y = i | x_t) theta[i, z_t]`` with the model's noise matrix ``theta`` (the identity for a
     cross-entropy model, where ``c = p(y | x)``).
     """
-    logits = model.logits_of(pool.images, batch_size)
+    logits, features = model.outputs_of(pool.images, batch_size)
     theta_device = model.noise_layer.noise_matrix.device
-    posterior = model.noise_layer.posterior(logits.to(theta_device), pool.given_labels.to(theta_device)).cpu()
+    features = None if features is None else features.to(theta_device)
+    posterior = model.noise_layer.posterior(logits.to(theta_device), pool.given_labels.to(theta_device), features)
+    posterior = posterior.cpu()
     return torch.softmax(logits, dim=1), posterior
 
 

@@ -22,7 +22,7 @@ from noisy_lightning.contract import EvalBatch, NoisyLabelData, PredictBatch, Te
 from noisy_lightning.models import MLP, build_net, net_spec
 from noisy_lightning.noise_layer import METHODS, EMTargets, make_noise_layer
 
-Method = Literal["ce", "em", "forward", "backward", "nal", "gce"]
+Method = Literal["ce", "em", "forward", "backward", "nal", "nal_complex", "gce"]
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -74,6 +74,19 @@ def image_shape_of(x: Tensor) -> tuple[int, ...] | None:
     return (1, side, side) if side > 1 and side * side == x.shape[1] else None
 
 
+def feature_layer_name(net: nn.Module, num_classes: int) -> str:
+    """The name of ``net``'s last ``nn.Linear`` (in registration order), whose input is the hidden features ``h(x)``
+    of the complex noise adaptation layer; it must output the ``num_classes`` logits."""
+    linear = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if not linear or linear[-1][1].out_features != num_classes:
+        found = f"its last nn.Linear has {linear[-1][1].out_features} outputs" if linear else "it has no nn.Linear"
+        raise ValueError(
+            f"method='nal_complex' reads the hidden features at the input of the net's last nn.Linear layer, which "
+            f"must output the num_classes={num_classes} logits; {found}"
+        )
+    return linear[-1][0]
+
+
 class NoisyLabelClassifier(L.LightningModule):
     """Train ``net`` on noisy labels with the chosen ``method``; evaluate against noisy and clean labels.
 
@@ -89,6 +102,8 @@ class NoisyLabelClassifier(L.LightningModule):
       after a 6-epoch warm-up);
     - ``"nal"``: the noise adaptation layer (a learned ``theta``, initialised from the confusion matrix by
       ``NoiseMatrixEstimation``);
+    - ``"nal_complex"``: its complex model, a noise matrix that depends on the sample through the input of the
+      net's last ``nn.Linear`` layer (the last hidden layer of an ``MLP``), initialised the same way;
     - ``"gce"``: the generalised cross-entropy ``(1 - p(z | x)^q) / q``.
 
     Co-teaching, which trains two networks, is :class:`~noisy_lightning.coteaching.CoTeachingClassifier`.
@@ -104,7 +119,7 @@ class NoisyLabelClassifier(L.LightningModule):
     Args:
         net: the network; default ``MLP(num_classes=num_classes)``. A net built by this library (``MLP``,
             ``CNN``) is saved in the hyperparameters, so ``load_from_checkpoint(path)`` rebuilds it.
-        method: one of ``"ce"``, ``"em"``, ``"forward"``, ``"backward"``, ``"nal"``, ``"gce"``.
+        method: one of ``"ce"``, ``"em"``, ``"forward"``, ``"backward"``, ``"nal"``, ``"nal_complex"``, ``"gce"``.
         num_classes: number of classes ``K`` (>= 2).
         lr: learning rate (> 0).
         weight_decay: L2 penalty (decoupled for ``adamw``), >= 0.
@@ -154,7 +169,11 @@ class NoisyLabelClassifier(L.LightningModule):
             self.hparams["net"] = net_spec(self.net)
         self.method = method
         self.num_classes = num_classes
-        self.noise_layer = make_noise_layer(method, num_classes, em_targets, gce_q)
+        # The complex noise adaptation layer reads h(x), the input of the net's last nn.Linear; by name, so that
+        # copies and pickles of the model find it in their own net.
+        self.feature_layer_name = feature_layer_name(self.net, num_classes) if method == "nal_complex" else None
+        feature_size = self.net.get_submodule(self.feature_layer_name).in_features if self.feature_layer_name else None
+        self.noise_layer = make_noise_layer(method, num_classes, em_targets, gce_q, feature_size)
         self.image_shape: tuple[int, ...] | None = None
         self.image_shape_from_data = False  # True once the data said what its samples are (images or features)
         self.step_seed_base: int | None = None
@@ -212,6 +231,22 @@ class NoisyLabelClassifier(L.LightningModule):
                 f"the net cannot take this data's samples of shape {tuple(sample.shape[1:])}: {error}"
             ) from error
 
+    def net_outputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The net's logits for the batch ``x`` and, when the noise layer :attr:`~NoiseLayer.needs_features`, the
+        hidden features ``h(x)`` at the input of the net's last ``nn.Linear`` (else ``None``)."""
+        if self.feature_layer_name is None:
+            return self.net(x), None
+        captured: list[Tensor] = []
+        # A hook for this one call: a persistent one would be copied along with the net and fire into this model.
+        handle = self.net.get_submodule(self.feature_layer_name).register_forward_pre_hook(
+            lambda module, args: captured.append(args[0])
+        )
+        try:
+            logits = self.net(x)
+        finally:
+            handle.remove()
+        return logits, captured[-1].reshape(captured[-1].shape[0], -1)
+
     @torch.no_grad()
     def logits_of(self, inputs: Tensor, batch_size: int = 4096) -> Tensor:
         """The net's logits for ``inputs`` (any number of samples), in eval mode, as float32 on the CPU.
@@ -219,6 +254,11 @@ class NoisyLabelClassifier(L.LightningModule):
         Inputs are moved to the device and dtype of the net's weights (so a ``bf16-true`` or ``64-true`` model takes
         float32 data); the module's train/eval mode is restored afterwards.
         """
+        return self.outputs_of(inputs, batch_size)[0]
+
+    @torch.no_grad()
+    def outputs_of(self, inputs: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor | None]:
+        """:meth:`logits_of`, with the hidden features of :meth:`net_outputs` (float32, CPU) or ``None``."""
         parameter = next(self.net.parameters(), None)
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else inputs.dtype
         # The weights' device, not self.device: in the setup hook Lightning already reports the accelerator while
@@ -226,15 +266,17 @@ class NoisyLabelClassifier(L.LightningModule):
         device = parameter.device if parameter is not None else self.device
         was_training = self.training
         self.eval()
-        chunks = []
+        chunks, feature_chunks = [], []
         try:
             for chunk in inputs.split(batch_size):
-                logits = self.net(chunk.to(device, dtype))
+                logits, features = self.net_outputs(chunk.to(device, dtype))
                 self._check_logits(logits, chunk.shape[0])
                 chunks.append(logits.float().cpu())
+                if features is not None:
+                    feature_chunks.append(features.float().cpu())
         finally:
             self.train(was_training)
-        return torch.cat(chunks)
+        return torch.cat(chunks), torch.cat(feature_chunks) if feature_chunks else None
 
     def _check_logits(self, logits: Any, batch: int) -> None:
         if not isinstance(logits, Tensor) or logits.shape != (batch, self.num_classes):
@@ -295,10 +337,10 @@ class NoisyLabelClassifier(L.LightningModule):
     def training_step(self, batch: TrainBatch, batch_idx: int) -> dict[str, Tensor]:
         x, label, index = batch
         x = self.augment(x)
-        logits = self.net(x)
+        logits, features = self.net_outputs(x)
         if batch_idx == 0:
             self._check_logits(logits, x.shape[0])
-        loss = self.noise_layer.loss(logits, label, index)
+        loss = self.noise_layer.loss(logits, label, index, features)
         self.train_loss.update(loss.detach(), weight=x.shape[0])
         # The EM callback's train_pass E-step reads the logits of the step.
         return {"loss": loss, "logits": logits.detach()}
@@ -344,11 +386,11 @@ class NoisyLabelClassifier(L.LightningModule):
 
     # ---- evaluation --------------------------------------------------------------------------------------------
     def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
-        logits = self.net(batch.x)
+        logits, features = self.net_outputs(batch.x)
         self._check_logits(logits, batch.x.shape[0])
         predictions = logits.argmax(dim=1)
         self.val_acc_noisy.update(predictions, batch.label)
-        self.val_nll_noisy.update(self.noise_layer.noisy_label_nll(logits, batch.label))
+        self.val_nll_noisy.update(self.noise_layer.noisy_label_nll(logits, batch.label, features))
         self.log("val/acc_noisy", self.val_acc_noisy, on_step=False, on_epoch=True)
         self.log("val/nll_noisy", self.val_nll_noisy, on_step=False, on_epoch=True)
         if batch.clean_label is not None:

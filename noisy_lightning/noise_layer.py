@@ -13,6 +13,8 @@ Methods, keyed by :data:`METHODS`:
   et al.'s loss corrections with a fixed ``theta`` (an anchor-point estimate, or the true ``T`` as an oracle).
 - ``"nal"`` (:class:`NoiseAdaptationLayer`): Goldberger & Ben-Reuven's noise adaptation layer (simple model), a
   learned ``theta = softmax(B)`` trained jointly with the network, initialised from the confusion matrix.
+- ``"nal_complex"`` (:class:`ComplexNoiseAdaptationLayer`): the same paper's complex model, in which the noise
+  matrix depends on the sample through the network's last hidden layer.
 - ``"gce"`` (:class:`GeneralizedCrossEntropyLayer`): Zhang & Sabuncu's robust loss; no ``theta``.
 
 A layer whose :attr:`~NoiseLayer.noise_matrix_estimator` is set gets ``theta`` from the
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisy_lightning import em, peers
-from noisy_lightning.checks import check_choice, check_float
+from noisy_lightning.checks import check_choice, check_float, check_int
 from noisy_lightning.noise import check_transition_matrix
 
 EMTargets = Literal["online", "stored"]
@@ -50,6 +52,9 @@ class NoiseLayer(nn.Module):
 
     estimated_by_em: ClassVar[bool] = False
     noise_matrix_estimator: ClassVar[str | None] = None
+    # Whether loss, posterior and noisy_label_nll need the hidden features h(x) (the input of the net's last
+    # nn.Linear); the classifier passes them only to a layer that asks.
+    needs_features: ClassVar[bool] = False
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -80,25 +85,27 @@ class NoiseLayer(nn.Module):
         return self
 
     # ---- what theta gives -------------------------------------------------------------------------------------
-    def posterior(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def posterior(self, logits: Tensor, labels: Tensor, features: Tensor | None = None) -> Tensor:
         """``c[t, i] = p(y = i | x_t) theta[i, z_t] / sum_k p(y = k | x_t) theta[k, z_t]`` (float32, detached).
 
         Before ``theta`` is set (a cross-entropy model, or EM before its first round) there is no noise model, and
-        the posterior is the network's ``p(y | x)``.
+        the posterior is the network's ``p(y | x)``. ``features`` are read only by a layer that
+        :attr:`needs_features`.
         """
         log_probs = F.log_softmax(logits.detach().float(), dim=1)
         if not self.is_started:
             return log_probs.exp()
         return em.posterior(log_probs, self.noise_matrix, labels)
 
-    def noisy_label_nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def noisy_label_nll(self, logits: Tensor, labels: Tensor, features: Tensor | None = None) -> Tensor:
         """Per-sample ``-log p(z | x) = -log sum_i p(i | x) theta[i, z]``."""
         log_probs = F.log_softmax(logits.float(), dim=1)
         log_theta = self.noise_matrix.clamp_min(1e-12).log()
         return -(log_probs + log_theta.t()[labels]).logsumexp(dim=1)
 
-    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
-        """The training loss of a batch; ``index`` is each sample's row in the training pool."""
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
+        """The training loss of a batch; ``index`` is each sample's row in the training pool, ``features`` the
+        hidden features of a layer that :attr:`needs_features`."""
         return F.cross_entropy(logits, labels)
 
     def refresh(self) -> None:
@@ -140,7 +147,7 @@ class EMLayer(NoiseLayer):
         self.targets = check_choice("em_targets", targets, ("online", "stored"))
         self.register_buffer("posterior_table", torch.zeros(0, num_classes))
 
-    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
         if not self.is_started:
             return F.cross_entropy(logits, labels)
         targets = self.posterior(logits, labels) if self.targets == "online" else self.posterior_table[index]
@@ -169,7 +176,7 @@ class EMLayer(NoiseLayer):
 class _CorrectedLayer(NoiseLayer):
     """Cross-entropy until ``theta`` is set, then :meth:`corrected_loss`."""
 
-    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
         if not self.is_started:
             return F.cross_entropy(logits, labels)
         return self.corrected_loss(logits, labels).mean()
@@ -240,7 +247,7 @@ class NoiseAdaptationLayer(_CorrectedLayer):
         super().__init__(num_classes)
         self.transition_logits = nn.Parameter(torch.zeros(num_classes, num_classes))
 
-    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
         loss = super().loss(logits, labels, index)
         # B takes no part in the warm-up's cross-entropy; a zero-weighted term keeps DistributedDataParallel from
         # failing on a parameter without a gradient.
@@ -260,6 +267,76 @@ class NoiseAdaptationLayer(_CorrectedLayer):
             self.transition_logits.copy_(self.noise_matrix.clamp_min(1e-6).log().to(self.transition_logits))
 
 
+class ComplexNoiseAdaptationLayer(NoiseAdaptationLayer):
+    """``method="nal_complex"``: the noise adaptation layer's complex model (Goldberger & Ben-Reuven, ICLR 2017,
+    section 3), in which the noise depends on the sample.
+
+    ``theta(x)[i, j] = softmax_j(u_ij . h(x) + b_ij)``, where ``h(x)`` is the network's last hidden layer (the input
+    of its last ``nn.Linear``), and network, ``u`` and ``b`` are trained jointly on
+    ``-log sum_i p(i | x) theta(x)[i, z]`` (:func:`~noisy_lightning.peers.instance_forward_nll`). :meth:`update`
+    sets ``b = log theta`` and ``u = 0``, so training starts from the simple model at that ``theta``, as the paper's
+    code starts it from the confusion matrix. ``noise_matrix`` is ``softmax(b)``, the noise at ``h = 0``;
+    :func:`~noisy_lightning.peers.implied_noise_matrix` averages ``theta(x)`` over data instead.
+
+    Args:
+        num_classes: ``K``.
+        feature_size: the width ``D`` of ``h(x)``.
+    """
+
+    needs_features: ClassVar[bool] = True
+
+    def __init__(self, num_classes: int, feature_size: int) -> None:
+        super().__init__(num_classes)
+        check_int("feature_size", feature_size, 1)
+        self.feature_size = feature_size
+        self.transition_weight = nn.Parameter(torch.zeros(num_classes * num_classes, feature_size))
+
+    def log_noise_matrices(self, features: Tensor | None) -> Tensor:
+        """``log theta(x)`` for each sample, ``[B, K, K]``."""
+        if features is None:
+            raise ValueError(
+                "method='nal_complex' needs the hidden features h(x) (the input of the net's last nn.Linear) to "
+                "compute its loss and posteriors"
+            )
+        if features.ndim != 2 or features.shape[1] != self.feature_size:
+            raise ValueError(
+                f"method='nal_complex' was built for hidden features of width {self.feature_size}, got features of "
+                f"shape {tuple(features.shape)}"
+            )
+        return peers.instance_log_noise_matrices(features, self.transition_weight, self.transition_logits)
+
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
+        if not self.is_started:
+            # u and b take no part in the warm-up; zero-weighted terms keep DDP from failing on them.
+            unused = self.transition_logits.sum() + self.transition_weight.sum()
+            return F.cross_entropy(logits, labels) + 0.0 * unused
+        return peers.instance_forward_nll(logits, self.log_noise_matrices(features), labels).mean()
+
+    def posterior(self, logits: Tensor, labels: Tensor, features: Tensor | None = None) -> Tensor:
+        if not self.is_started:
+            return super().posterior(logits, labels)
+        with torch.no_grad():
+            return peers.instance_posterior(logits, self.log_noise_matrices(features), labels)
+
+    def noisy_label_nll(self, logits: Tensor, labels: Tensor, features: Tensor | None = None) -> Tensor:
+        if not self.is_started:
+            return super().noisy_label_nll(logits, labels)
+        return peers.instance_forward_nll(logits, self.log_noise_matrices(features), labels)
+
+    def update(self, noise_matrix: Tensor, posterior: Tensor | None = None, rows: Tensor | None = None) -> None:
+        super().update(noise_matrix)
+        with torch.no_grad():
+            self.transition_weight.zero_()
+
+    @torch.no_grad()
+    def implied_noise_matrix(self, logits: Tensor, features: Tensor) -> Tensor:
+        """The one ``K x K`` matrix that ``theta(x)`` implies on these samples
+        (:func:`~noisy_lightning.peers.implied_noise_matrix`), float64; e.g. with
+        ``layer.implied_noise_matrix(*model.outputs_of(images))``."""
+        matrices = self.log_noise_matrices(features.to(self.transition_weight.device)).exp()
+        return peers.implied_noise_matrix(torch.softmax(logits.float(), dim=1).to(matrices.device), matrices).cpu()
+
+
 class GeneralizedCrossEntropyLayer(NoiseLayer):
     """``method="gce"``: Zhang & Sabuncu's generalised cross-entropy ``(1 - p(z | x)^q) / q``; no ``theta``."""
 
@@ -267,20 +344,31 @@ class GeneralizedCrossEntropyLayer(NoiseLayer):
         super().__init__(num_classes)
         self.q = check_float("gce_q", q, 0, 1, open_minimum=True)
 
-    def loss(self, logits: Tensor, labels: Tensor, index: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
         return peers.generalized_cross_entropy(logits, labels, self.q).mean()
 
 
-METHODS: tuple[str, ...] = ("ce", "em", "forward", "backward", "nal", "gce")
+METHODS: tuple[str, ...] = ("ce", "em", "forward", "backward", "nal", "nal_complex", "gce")
 
 
-def make_noise_layer(method: str, num_classes: int, em_targets: EMTargets = "online", gce_q: float = 0.7) -> NoiseLayer:
-    """The noise layer for ``method`` (one of :data:`METHODS`)."""
+def make_noise_layer(
+    method: str,
+    num_classes: int,
+    em_targets: EMTargets = "online",
+    gce_q: float = 0.7,
+    feature_size: int | None = None,
+) -> NoiseLayer:
+    """The noise layer for ``method`` (one of :data:`METHODS`); ``feature_size`` is the width of ``h(x)`` that
+    ``"nal_complex"`` needs."""
     check_choice("method", method, METHODS)
     check_choice("em_targets", em_targets, ("online", "stored"))
     check_float("gce_q", gce_q, 0, 1, open_minimum=True)
     if method == "em":
         return EMLayer(num_classes, em_targets)
+    if method == "nal_complex":
+        if feature_size is None:
+            raise ValueError("method='nal_complex' needs feature_size, the width of the net's last hidden layer")
+        return ComplexNoiseAdaptationLayer(num_classes, feature_size)
     layers: dict[str, type[NoiseLayer]] = {
         "ce": CrossEntropyLayer,
         "forward": ForwardCorrectionLayer,

@@ -12,6 +12,10 @@ Losses (per sample; the layers of :mod:`noisy_lightning.noise_layer` average the
 - backward correction (Patrini et al., eq. 5): ``sum_j (T^-1)[z, j] * (-log p(j | x))``, an unbiased estimate of the
   clean cross-entropy (:func:`backward_corrected_ce`); it can be negative, and is unstable when ``T`` is near
   singular.
+- the noise adaptation layer's *complex* model (Goldberger & Ben-Reuven, section 3): the noise depends on ``x``
+  through the network's last hidden layer ``h(x)``, ``T(x)[i, j] = softmax_j(u_ij . h(x) + b_ij)``
+  (:func:`instance_log_noise_matrices`), and the loss is ``-log sum_i p(i | x) T(x)[i, z]``
+  (:func:`instance_forward_nll`). :func:`implied_noise_matrix` averages ``T(x)`` into one matrix.
 - generalised cross-entropy (Zhang & Sabuncu, NeurIPS 2018, eq. 6): ``(1 - p(z | x)^q) / q``, between the
   cross-entropy (``q -> 0``) and the mean absolute error (``q = 1``) (:func:`generalized_cross_entropy`).
 
@@ -54,6 +58,54 @@ def forward_corrected_nll(logits: Tensor, noise_matrix: Tensor, labels: Tensor) 
     log_probs = F.log_softmax(logits.float(), dim=1)
     log_noise = noise_matrix.float().clamp_min(1e-12).log()
     return -(log_probs + log_noise.t()[labels]).logsumexp(dim=1)
+
+
+def instance_log_noise_matrices(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``log T(x)`` for each sample: ``[B, K, K]`` with ``log T(x_t)[i, j] = log_softmax_j(weight[i K + j] . h_t +
+    bias[i, j])``.
+
+    Args:
+        features: ``[B, D]`` hidden features ``h(x)`` (the input of the network's last linear layer).
+        weight: ``[K * K, D]``; row ``i K + j`` is ``u_ij``. All zero, every sample gets ``softmax(bias)``.
+        bias: ``[K, K]`` ``b``, the log of the initial noise matrix.
+    """
+    num_classes = bias.shape[0]
+    scores = features.float() @ weight.float().t()
+    scores = scores.view(-1, num_classes, num_classes) + bias.float()
+    return F.log_softmax(scores, dim=2)
+
+
+def instance_forward_nll(logits: Tensor, log_noise_matrices: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample ``-log sum_i p(i | x_t) T(x_t)[i, z_t]`` for per-sample ``log T(x_t)`` (``[B, K, K]``)."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    log_given = log_noise_matrices.gather(2, labels.view(-1, 1, 1).expand(-1, log_noise_matrices.shape[1], 1))
+    return -(log_probs + log_given.squeeze(2)).logsumexp(dim=1)
+
+
+def instance_posterior(logits: Tensor, log_noise_matrices: Tensor, labels: Tensor) -> Tensor:
+    """``c[t, i] = p(i | x_t) T(x_t)[i, z_t] / sum_k p(k | x_t) T(x_t)[k, z_t]``, the posterior of the true label
+    under the complex model (float32)."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    log_given = log_noise_matrices.gather(2, labels.view(-1, 1, 1).expand(-1, log_noise_matrices.shape[1], 1))
+    return torch.softmax(log_probs + log_given.squeeze(2), dim=1)
+
+
+def implied_noise_matrix(class_probs: Tensor, noise_matrices: Tensor) -> Tensor:
+    """The one matrix that per-sample ``T(x)`` imply: ``T[i, :] = sum_t p(i | x_t) T(x_t)[i, :] / sum_t p(i | x_t)``,
+    the noise of the samples that the network puts in class ``i``, weighted by how surely it does.
+
+    Args:
+        class_probs: ``[N, K]`` ``p(y | x)``.
+        noise_matrices: ``[N, K, K]`` ``T(x)``, each row-stochastic.
+
+    Returns:
+        ``[K, K]`` float64, row-stochastic (a class that no sample is put in gets its average over all samples).
+    """
+    weights = class_probs.double()
+    summed = (weights.unsqueeze(2) * noise_matrices.double()).sum(dim=0)
+    mass = weights.sum(dim=0).unsqueeze(1)
+    fallback = noise_matrices.double().mean(dim=0)
+    return torch.where(mass > 0, summed / mass.clamp_min(1e-300), fallback)
 
 
 def backward_corrected_ce(

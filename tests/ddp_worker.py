@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--initialisation", default="hard_confusion")
     parser.add_argument("--out", required=True)
     parser.add_argument("--train", action="store_true", help="really train, with the global batch size fixed")
-    parser.add_argument("--method", default="em", choices=("em", "em_starts", "forward", "nal", "coteaching"))
+    parser.add_argument(
+        "--method", default="em", choices=("em", "em_starts", "forward", "nal", "nal_complex", "coteaching")
+    )
     args = parser.parse_args()
     if args.train:
         train(args)
@@ -108,8 +110,8 @@ def make_trained_model(args: argparse.Namespace) -> tuple[L.LightningModule, lis
     net = MLP(hidden_sizes=[64], dropout=0.0)
     if args.method == "coteaching":
         return CoTeachingClassifier(net=net, lr=2e-3, augment_shift=0, num_gradual=2), []
-    if args.method == "nal":
-        return NoisyLabelClassifier(method="nal", net=net, lr=2e-3, augment_shift=0), [
+    if args.method in ("nal", "nal_complex"):
+        return NoisyLabelClassifier(method=args.method, net=net, lr=2e-3, augment_shift=0), [
             NoiseMatrixEstimation(warmup_epochs=1)
         ]
     model = NoisyLabelClassifier(method="em", net=net, lr=2e-3, augment_shift=0)
@@ -141,6 +143,8 @@ def train(args: argparse.Namespace) -> None:
         "history": history,
         "fit_metrics": fit_metrics,
         "test_acc": test_accuracy,
+        # the complex noise adaptation layer's weights on h(x)
+        "noise_weight": getattr(model.noise_layer, "transition_weight", torch.zeros(0)).detach().cpu(),
     }
     torch.save(result, f"{args.out}.rank{trainer.global_rank}")
 

@@ -24,6 +24,7 @@ import torch
 
 from noisy_lightning import MLP, EMNoiseEstimation, NoisyLabelClassifier, NoisyLabelDataModule
 from noisy_lightning import em as em_math
+from noisy_lightning.data import image_statistics, normalise
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -587,6 +588,24 @@ def test_reproduce_corrupts_with_the_papers_permutation() -> None:
     assert torch.all(matrix.diagonal() == 0.54)
     for true_class, noisy_class in enumerate((7, 9, 0, 4, 2, 1, 3, 5, 6, 8)):
         assert noisy_class != true_class and matrix[true_class, noisy_class] == 0.46
+
+
+def test_reproduce_prepares_the_papers_training_set_and_inputs() -> None:
+    """Equal classes, exactly 46% of each moved by the permutation (as the paper's stratified split), and a network
+    input of pixels / 255 out of the DataModule's standardised images."""
+    reproduce = _load("reproduce")
+    labels = torch.arange(10).repeat_interleave(torch.arange(100, 110))  # class c has 100 + c images
+    rows, given = reproduce.papers_labels(labels, seed=0)
+    assert rows.unique().numel() == rows.numel() == 1000
+    true = labels[rows]
+    for true_class, noisy_class in enumerate(reproduce.PERMUTATION):
+        mine = given[true == true_class]
+        assert mine.numel() == 100 and (mine == noisy_class).sum() == 46 and (mine == true_class).sum() == 54
+    assert not torch.equal(rows, reproduce.papers_labels(labels, seed=1)[0])
+    pixels = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    mean, std = image_statistics(pixels)
+    standardised = normalise(pixels, mean, std, flatten=True)
+    torch.testing.assert_close(reproduce.DividedBy255(mean, std)(standardised), pixels.reshape(5, -1).float() / 255)
 
 
 @pytest.mark.parametrize("script", ["compare", "quality", "noise_suite"])

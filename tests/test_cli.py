@@ -147,7 +147,7 @@ def test_fit_help_lists_the_optimizer_once(tmp_path: Path) -> None:
     model_help = cli("fit", "--model.help", "NoisyLabelClassifier", cwd=tmp_path)
     assert model_help.returncode == 0
     assert "--model.optimizer {adam,adamw,sgd}" in model_help.stdout
-    assert "--model.method {ce,em,forward,backward,nal,gce}" in model_help.stdout
+    assert "--model.method {ce,em,forward,backward,nal,nal_complex,gce}" in model_help.stdout
 
 
 def test_coteaching_is_chosen_by_its_class_path(tmp_path: Path) -> None:

@@ -80,10 +80,11 @@ def test_a_noise_matrix_estimate_is_the_same_on_two_processes(tmp_path: Path, me
         torch.testing.assert_close(result["noise_matrix"], single["noise_matrix"], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["coteaching", "nal"])
+@pytest.mark.parametrize("method", ["coteaching", "nal", "nal_complex"])
 def test_peer_training_on_two_processes_follows_one(tmp_path: Path, method: str) -> None:
     """Co-teaching chooses its small-loss samples from the global batch (gathered across ranks) and estimates its
-    forget rate from all ranks' probabilities; the noise adaptation layer's learned theta is synchronised by DDP.
+    forget rate from all ranks' probabilities; the noise adaptation layer's learned theta (and the complex model's
+    weights on the hidden features) are synchronised by DDP.
     Tolerances as for EM: theta within 1e-4, accuracies within 0.2 points."""
     (single,) = run_worker(tmp_path, 1, "inference", "--train", "--method", method)
     ranks = run_worker(tmp_path, 2, "inference", "--train", "--method", method)
@@ -92,6 +93,9 @@ def test_peer_training_on_two_processes_follows_one(tmp_path: Path, method: str)
         assert not torch.equal(single_theta, torch.eye(10))
         torch.testing.assert_close(theta, single_theta, rtol=0, atol=1e-4)
         assert result["test_acc"] == pytest.approx(single["test_acc"], abs=0.002)
+        if method == "nal_complex":
+            assert single["noise_weight"].abs().sum() > 0
+            torch.testing.assert_close(result["noise_weight"], single["noise_weight"], rtol=0, atol=1e-4)
         if method == "coteaching":
             rate = result["fit_metrics"]["coteaching/forget_rate"]
             assert rate > 0 and rate == pytest.approx(single["fit_metrics"]["coteaching/forget_rate"], abs=1e-4)
