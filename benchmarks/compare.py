@@ -285,13 +285,18 @@ def numbers(runs: Sequence[Mapping[str, str]], key: str) -> list[float]:
     return [float(run[key]) for run in runs if run[key] not in ("", "nan")]
 
 
-def accuracy_cell(runs: Sequence[Mapping[str, str]]) -> str:
+def accuracy_cell(runs: Sequence[Mapping[str, str]], row_seeds: Sequence[str] = ()) -> str:
+    """Mean ± std (worst seed) of the test accuracy; ``row_seeds`` are the seeds that the row's methods reached
+    together, and a method with fewer says which it has."""
     values = [100 * value for value in numbers(runs, "test_acc")]
     if not values:
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     worst = f" (worst {min(values):.2f})" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}{worst}"
+    seeds = sorted({run["seed"] for run in runs}, key=int)
+    fewer = len(seeds) < len(row_seeds)
+    only = f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} only)" if fewer else ""
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}{worst}{only}"
 
 
 def mean_cell(runs: Sequence[Mapping[str, str]], key: str, digits: int = 3, scale: float = 1.0) -> str:
@@ -332,8 +337,9 @@ def write_markdown(
         "|---|---|" + "---|" * len(methods),
     ]
     for row in rows:
-        seeds = len({run["seed"] for run in runs if run["row"] == row})
-        lines.append(f"| {row} | {seeds} | " + " | ".join(accuracy_cell(of(row, m)) for m in methods) + " |")
+        row_seeds = sorted({run["seed"] for run in runs if run["row"] == row}, key=int)
+        cells = " | ".join(accuracy_cell(of(row, m), row_seeds) for m in methods)
+        lines.append(f"| {row} | {len(row_seeds)} | {cells} |")
     estimating = [method for method in methods if method in ESTIMATES_T]
     lines += [
         "",

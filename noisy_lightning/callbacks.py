@@ -542,8 +542,8 @@ NoiseMatrixEstimator = Literal["anchor", "confusion", "true"]
 
 
 class NoiseMatrixEstimation(L.Callback):
-    """Set the noise matrix ``theta`` of a loss-correction method once: ``method="forward"``, ``"backward"`` or
-    ``"nal"`` of :class:`~noisy_lightning.NoisyLabelClassifier`, and the forget rate of
+    """Set the noise matrix ``theta`` of a loss-correction method once: ``method="forward"``, ``"backward"``,
+    ``"nal"`` or ``"nal_complex"`` of :class:`~noisy_lightning.NoisyLabelClassifier`, and the forget rate of
     :class:`~noisy_lightning.coteaching.CoTeachingClassifier`.
 
     The network trains on the given labels for ``warmup_epochs``; at the end of that epoch ``p(z | x)`` is computed

@@ -25,13 +25,18 @@ def score_pool(model: L.LightningModule, pool: NoisyPool, batch_size: int = 4096
     """``(p(y | x), posterior c)`` for every row of ``pool``, on the CPU, from ``model`` in eval mode.
 
     ``c[t, i] ∝ p(y = i | x_t) theta[i, z_t]`` with the model's noise matrix ``theta`` (the identity for a
-    cross-entropy model, where ``c = p(y | x)``).
+    cross-entropy model, where ``c = p(y | x)``; the sample's own ``theta(x_t)`` for ``method="nal_complex"``).
     """
     logits, features = model.outputs_of(pool.images, batch_size)
     theta_device = model.noise_layer.noise_matrix.device
-    features = None if features is None else features.to(theta_device)
-    posterior = model.noise_layer.posterior(logits.to(theta_device), pool.given_labels.to(theta_device), features)
-    posterior = posterior.cpu()
+    chunks = []
+    # batch_size rows at a time: the complex noise adaptation layer builds a K x K matrix per sample
+    for start in range(0, len(logits), batch_size):
+        rows = slice(start, start + batch_size)
+        chunk_features = None if features is None else features[rows].to(theta_device)
+        labels = pool.given_labels[rows].to(theta_device)
+        chunks.append(model.noise_layer.posterior(logits[rows].to(theta_device), labels, chunk_features).cpu())
+    posterior = torch.cat(chunks)
     return torch.softmax(logits, dim=1), posterior
 
 
@@ -50,8 +55,9 @@ class LabelIssues:
             noise matrix, through ``theta[:, z_t]``.)
         is_issue: ``corrected_label != given_label``: some other class is more probable than the given one.
         in_validation: whether the sample is in the validation split (never trained on).
-        noise_matrix: the model's ``theta``, ``theta[i, j] = P(given = j | true = i)``, rows = true class.
-            cleanlab's ``noise_matrix`` is its transpose, ``P(given = i | true = j)``.
+        noise_matrix: the model's ``theta``, ``theta[i, j] = P(given = j | true = i)``, rows = true class
+            (for ``method="nal_complex"``, ``softmax(b)``, its noise at ``h(x) = 0``). cleanlab's ``noise_matrix``
+            is its transpose, ``P(given = i | true = j)``.
     """
 
     index: Tensor

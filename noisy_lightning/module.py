@@ -78,6 +78,12 @@ def feature_layer_name(net: nn.Module, num_classes: int) -> str:
     """The name of ``net``'s last ``nn.Linear`` (in registration order), whose input is the hidden features ``h(x)``
     of the complex noise adaptation layer; it must output the ``num_classes`` logits."""
     linear = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if linear and linear[-1][1].in_features == 0:  # an nn.LazyLinear, whose width is known only after a call
+        raise ValueError(
+            f"method='nal_complex' needs the width of h(x), the input of the net's last nn.Linear "
+            f"({linear[-1][0]!r}), but it is an nn.LazyLinear that has not run yet: run one batch through the net "
+            "first, or give it a sized nn.Linear"
+        )
     if not linear or linear[-1][1].out_features != num_classes:
         found = f"its last nn.Linear has {linear[-1][1].out_features} outputs" if linear else "it has no nn.Linear"
         raise ValueError(
@@ -232,20 +238,28 @@ class NoisyLabelClassifier(L.LightningModule):
             ) from error
 
     def net_outputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The net's logits for the batch ``x`` and, when the noise layer :attr:`~NoiseLayer.needs_features`, the
-        hidden features ``h(x)`` at the input of the net's last ``nn.Linear`` (else ``None``)."""
-        if self.feature_layer_name is None:
+        """The net's logits for the batch ``x`` and, when the noise layer
+        :attr:`~noisy_lightning.noise_layer.NoiseLayer.needs_features`, the hidden features ``h(x)`` at the input of
+        the net's last ``nn.Linear`` (else ``None``)."""
+        if not self.noise_layer.needs_features:
             return self.net(x), None
         captured: list[Tensor] = []
         # A hook for this one call: a persistent one would be copied along with the net and fire into this model.
         handle = self.net.get_submodule(self.feature_layer_name).register_forward_pre_hook(
-            lambda module, args: captured.append(args[0])
+            lambda module, args, kwargs: captured.append(args[0] if args else next(iter(kwargs.values()), None)),
+            with_kwargs=True,
         )
         try:
             logits = self.net(x)
         finally:
             handle.remove()
-        return logits, captured[-1].reshape(captured[-1].shape[0], -1)
+        if len(captured) != 1 or not isinstance(captured[0], Tensor) or captured[0].shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"method='nal_complex' reads h(x) at the input of the net's layer {self.feature_layer_name!r} (its "
+                "last nn.Linear), which must run once per forward pass, on the whole batch, and give the logits; it "
+                f"ran {len(captured)} time(s) in this one"
+            )
+        return logits, captured[0].reshape(captured[0].shape[0], -1)
 
     @torch.no_grad()
     def logits_of(self, inputs: Tensor, batch_size: int = 4096) -> Tensor:

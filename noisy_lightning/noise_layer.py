@@ -329,12 +329,24 @@ class ComplexNoiseAdaptationLayer(NoiseAdaptationLayer):
             self.transition_weight.zero_()
 
     @torch.no_grad()
-    def implied_noise_matrix(self, logits: Tensor, features: Tensor) -> Tensor:
+    def implied_noise_matrix(self, logits: Tensor, features: Tensor, batch_size: int = 4096) -> Tensor:
         """The one ``K x K`` matrix that ``theta(x)`` implies on these samples
-        (:func:`~noisy_lightning.peers.implied_noise_matrix`), float64; e.g. with
-        ``layer.implied_noise_matrix(*model.outputs_of(images))``."""
-        matrices = self.log_noise_matrices(features.to(self.transition_weight.device)).exp()
-        return peers.implied_noise_matrix(torch.softmax(logits.float(), dim=1).to(matrices.device), matrices).cpu()
+        (:func:`~noisy_lightning.peers.implied_noise_matrix`), float64 on the CPU; e.g. with
+        ``layer.implied_noise_matrix(*model.outputs_of(images))``. Computed ``batch_size`` samples at a time, so
+        that ``[N, K, K]`` never exists for the whole set."""
+        device = self.transition_weight.device
+        summed = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
+        mass = torch.zeros(self.num_classes, 1, dtype=torch.float64, device=device)
+        average = torch.zeros_like(summed)
+        for logit_chunk, feature_chunk in zip(logits.split(batch_size), features.split(batch_size), strict=True):
+            matrices = self.log_noise_matrices(feature_chunk.to(device)).exp().double()
+            weights = torch.softmax(logit_chunk.float(), dim=1).to(device).double()
+            summed += torch.einsum("ni,nij->ij", weights, matrices)
+            mass += weights.sum(dim=0).unsqueeze(1)
+            average += matrices.sum(dim=0)
+        # peers.implied_noise_matrix on the sums: the same weighting, with its fallback for a class of no mass
+        implied = torch.where(mass > 0, summed / mass.clamp_min(1e-300), average / max(len(logits), 1))
+        return implied.cpu()
 
 
 class GeneralizedCrossEntropyLayer(NoiseLayer):

@@ -70,7 +70,9 @@ def instance_log_noise_matrices(features: Tensor, weight: Tensor, bias: Tensor) 
         bias: ``[K, K]`` ``b``, the log of the initial noise matrix.
     """
     num_classes = bias.shape[0]
-    scores = features.float() @ weight.float().t()
+    # float32 under autocast too (bf16-mixed / 16-mixed), like theta everywhere else
+    with torch.autocast(features.device.type, enabled=False):
+        scores = features.float() @ weight.float().t()
     scores = scores.view(-1, num_classes, num_classes) + bias.float()
     return F.log_softmax(scores, dim=2)
 
@@ -102,7 +104,7 @@ def implied_noise_matrix(class_probs: Tensor, noise_matrices: Tensor) -> Tensor:
         ``[K, K]`` float64, row-stochastic (a class that no sample is put in gets its average over all samples).
     """
     weights = class_probs.double()
-    summed = (weights.unsqueeze(2) * noise_matrices.double()).sum(dim=0)
+    summed = torch.einsum("ni,nij->ij", weights, noise_matrices.double())
     mass = weights.sum(dim=0).unsqueeze(1)
     fallback = noise_matrices.double().mean(dim=0)
     return torch.where(mass > 0, summed / mass.clamp_min(1e-300), fallback)

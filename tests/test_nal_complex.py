@@ -160,3 +160,69 @@ def test_a_short_fit_learns_the_complex_noise_and_resumes_with_it(tmp_path: Path
     assert loaded.method == "nal_complex"
     torch.testing.assert_close(loaded.noise_layer.transition_weight, model.noise_layer.transition_weight)
     torch.testing.assert_close(loaded.noise_matrix, model.noise_matrix)
+
+
+def test_the_implied_matrix_falls_back_to_the_average_for_a_class_no_sample_is_in() -> None:
+    first, second = random_stochastic(2, 2).double(), random_stochastic(2, 3).double()
+    probabilities = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    implied = implied_noise_matrix(probabilities, torch.stack([first, second]))
+    torch.testing.assert_close(implied[1], (first[1] + second[1]) / 2)
+
+
+def test_the_layers_implied_matrix_in_chunks_is_the_one_of_the_whole_set() -> None:
+    torch.manual_seed(3)
+    layer = ComplexNoiseAdaptationLayer(3, feature_size=4)
+    layer.update(random_stochastic(3, 1))
+    with torch.no_grad():
+        layer.transition_weight.normal_()
+    logits, features = torch.randn(10, 3), torch.randn(10, 4)
+    whole = implied_noise_matrix(logits.softmax(dim=1), layer.log_noise_matrices(features).exp())
+    torch.testing.assert_close(layer.implied_noise_matrix(logits, features, batch_size=3), whole)
+
+
+class TwoHeads(nn.Module):
+    """A net whose last registered nn.Linear is an auxiliary head that eval mode skips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(16, 8), nn.Linear(8, 10), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(x).relu()
+        return self.head(hidden) + (self.aux(hidden) if self.training else 0)
+
+
+def test_a_feature_layer_that_does_not_run_once_per_pass_is_named() -> None:
+    model = NoisyLabelClassifier(method="nal_complex", net=TwoHeads()).eval()
+    assert model.feature_layer_name == "aux"
+    with pytest.raises(ValueError, match=r"layer 'aux' \(its last nn.Linear\), which must run once .* ran 0 time"):
+        model.net_outputs(torch.randn(2, 16))
+
+
+def test_a_lazy_last_layer_is_refused_with_what_to_do() -> None:
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.LazyLinear(10))
+    with pytest.raises(ValueError, match=r"nn\.LazyLinear that has not run yet"):
+        NoisyLabelClassifier(method="nal_complex", net=net)
+
+
+def test_the_noise_is_float32_under_mixed_precision() -> None:
+    features, weight, bias = torch.randn(4, 8), torch.randn(9, 8), torch.randn(3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_matrices = instance_log_noise_matrices(features, weight, bias)
+    assert log_matrices.dtype == torch.float32
+    torch.testing.assert_close(log_matrices, instance_log_noise_matrices(features, weight, bias))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_the_complex_model_trains_under_bfloat16(precision: str) -> None:
+    L.seed_everything(0)
+    data = NoisyLabelDataModule(noise_type="pair_flip", noise_rate=0.3, batch_size=128)
+    model = NoisyLabelClassifier(method="nal_complex", net=MLP(hidden_sizes=[64]))
+    trainer = quiet_trainer(max_epochs=2, precision=precision, callbacks=[NoiseMatrixEstimation(warmup_epochs=1)])
+    trainer.fit(model, data)
+    assert model.noise_layer.is_started and model.noise_matrix.dtype == torch.float32
+    assert (
+        torch.isfinite(trainer.callback_metrics["train/loss"]) and model.noise_layer.transition_weight.abs().sum() > 0
+    )
+    torch.testing.assert_close(model.noise_matrix.double().sum(dim=1), torch.ones(10, dtype=torch.float64))
