@@ -368,17 +368,26 @@ def write_markdown(
         lines += [
             "",
             "Label issues on the training split against the true flips (precision / recall of the flagged labels), "
-            "EM's `find_label_issues` against cleanlab's `find_label_issues` on 5-fold out-of-fold probabilities:",
+            "EM's `find_label_issues` (one fit) against cleanlab's `find_label_issues` on 5-fold out-of-fold "
+            "probabilities (five fits, and a sixth for CleanLearning's final model), on the seeds that both have; "
+            "with each one's theta error and test accuracy (%, mean) on those seeds:",
             "",
-            "| noise | EM precision | EM recall | cleanlab precision | cleanlab recall | EM fits | cleanlab fits |",
-            "|---|---|---|---|---|---|---|",
+            "| noise | seeds | EM precision | EM recall | cleanlab precision | cleanlab recall | EM theta error | "
+            "cleanlab theta error | EM | CleanLearning |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
-            em_runs, cl_runs = of(row, "em"), of(row, "cleanlearning")
+            cl_runs = of(row, "cleanlearning")
+            paired = {run["seed"] for run in cl_runs}
+            em_runs = [run for run in of(row, "em") if run["seed"] in paired]
+            if not em_runs:
+                continue
             lines.append(
-                f"| {row} | {mean_cell(em_runs, 'issue_precision', 4)} | {mean_cell(em_runs, 'issue_recall', 4)} | "
-                f"{mean_cell(cl_runs, 'issue_precision', 4)} | {mean_cell(cl_runs, 'issue_recall', 4)} | "
-                f"{mean_cell(em_runs, 'fits', 0)} | {mean_cell(cl_runs, 'fits', 0)} |"
+                f"| {row} | {', '.join(sorted(paired, key=int))} | {mean_cell(em_runs, 'issue_precision', 4)} | "
+                f"{mean_cell(em_runs, 'issue_recall', 4)} | {mean_cell(cl_runs, 'issue_precision', 4)} | "
+                f"{mean_cell(cl_runs, 'issue_recall', 4)} | {mean_cell(em_runs, 'theta_error')} | "
+                f"{mean_cell(cl_runs, 'theta_error')} | {mean_cell(em_runs, 'test_acc', 2, 100)} | "
+                f"{mean_cell(cl_runs, 'test_acc', 2, 100)} |"
             )
     write_text(md_path, lines)
 
