@@ -1,6 +1,6 @@
 """A peer in its own published setting: the noise adaptation layer on MNIST with permuted labels.
 
-    NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/reproduce.py      # five seeds, about 12 min on 2 cores
+    NOISY_LIGHTNING_DATA=../shared/datasets python benchmarks/reproduce.py      # five seeds, about 14 min on 2 cores
 
 Goldberger & Ben-Reuven (ICLR 2017) train a 784-500-300-10 MLP (ReLU, dropout 0.5, Adam at 1e-3, batch 256, no
 augmentation, no learning-rate schedule) on MNIST whose training labels are moved by one fixed permutation (the one
