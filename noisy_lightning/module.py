@@ -20,7 +20,7 @@ from noisy_lightning.augment import random_shift
 from noisy_lightning.checks import check_bool, check_choice, check_float, check_int
 from noisy_lightning.contract import EvalBatch, NoisyLabelData, PredictBatch, TestBatch, TrainBatch
 from noisy_lightning.models import MLP, build_net, net_spec
-from noisy_lightning.noise_layer import METHODS, EMTargets, make_noise_layer
+from noisy_lightning.noise_layer import METHODS, EMTargets, layer_class, make_noise_layer
 
 Method = Literal["ce", "em", "forward", "backward", "nal", "nal_complex", "gce"]
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -177,7 +177,8 @@ class NoisyLabelClassifier(L.LightningModule):
         self.num_classes = num_classes
         # The complex noise adaptation layer reads h(x), the input of the net's last nn.Linear; by name, so that
         # copies and pickles of the model find it in their own net.
-        self.feature_layer_name = feature_layer_name(self.net, num_classes) if method == "nal_complex" else None
+        needs_features = layer_class(method).needs_features
+        self.feature_layer_name = feature_layer_name(self.net, num_classes) if needs_features else None
         feature_size = self.net.get_submodule(self.feature_layer_name).in_features if self.feature_layer_name else None
         self.noise_layer = make_noise_layer(method, num_classes, em_targets, gce_q, feature_size)
         self.image_shape: tuple[int, ...] | None = None

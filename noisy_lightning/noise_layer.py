@@ -249,9 +249,9 @@ class NoiseAdaptationLayer(_CorrectedLayer):
 
     def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
         loss = super().loss(logits, labels, index)
-        # B takes no part in the warm-up's cross-entropy; a zero-weighted term keeps DistributedDataParallel from
-        # failing on a parameter without a gradient.
-        return loss if self.is_started else loss + 0.0 * self.transition_logits.sum()
+        # The layer's parameters take no part in the warm-up's cross-entropy; a zero-weighted term keeps
+        # DistributedDataParallel from failing on a parameter without a gradient.
+        return loss if self.is_started else loss + 0.0 * sum(parameter.sum() for parameter in self.parameters())
 
     def corrected_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return peers.forward_corrected_nll(logits, torch.softmax(self.transition_logits.float(), dim=1), labels)
@@ -307,9 +307,7 @@ class ComplexNoiseAdaptationLayer(NoiseAdaptationLayer):
 
     def loss(self, logits: Tensor, labels: Tensor, index: Tensor, features: Tensor | None = None) -> Tensor:
         if not self.is_started:
-            # u and b take no part in the warm-up; zero-weighted terms keep DDP from failing on them.
-            unused = self.transition_logits.sum() + self.transition_weight.sum()
-            return F.cross_entropy(logits, labels) + 0.0 * unused
+            return super().loss(logits, labels, index)
         return peers.instance_forward_nll(logits, self.log_noise_matrices(features), labels).mean()
 
     def posterior(self, logits: Tensor, labels: Tensor, features: Tensor | None = None) -> Tensor:
@@ -335,18 +333,12 @@ class ComplexNoiseAdaptationLayer(NoiseAdaptationLayer):
         ``layer.implied_noise_matrix(*model.outputs_of(images))``. Computed ``batch_size`` samples at a time, so
         that ``[N, K, K]`` never exists for the whole set."""
         device = self.transition_weight.device
-        summed = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
-        mass = torch.zeros(self.num_classes, 1, dtype=torch.float64, device=device)
-        average = torch.zeros_like(summed)
+        sums = None
         for logit_chunk, feature_chunk in zip(logits.split(batch_size), features.split(batch_size), strict=True):
-            matrices = self.log_noise_matrices(feature_chunk.to(device)).exp().double()
-            weights = torch.softmax(logit_chunk.float(), dim=1).to(device).double()
-            summed += torch.einsum("ni,nij->ij", weights, matrices)
-            mass += weights.sum(dim=0).unsqueeze(1)
-            average += matrices.sum(dim=0)
-        # peers.implied_noise_matrix on the sums: the same weighting, with its fallback for a class of no mass
-        implied = torch.where(mass > 0, summed / mass.clamp_min(1e-300), average / max(len(logits), 1))
-        return implied.cpu()
+            matrices = self.log_noise_matrices(feature_chunk.to(device)).exp()
+            chunk = peers.implied_noise_matrix_sums(torch.softmax(logit_chunk.float(), dim=1).to(device), matrices)
+            sums = chunk if sums is None else tuple(total + part for total, part in zip(sums, chunk, strict=True))
+        return peers.implied_noise_matrix_from_sums(*sums, len(logits)).cpu()
 
 
 class GeneralizedCrossEntropyLayer(NoiseLayer):
@@ -363,6 +355,23 @@ class GeneralizedCrossEntropyLayer(NoiseLayer):
 METHODS: tuple[str, ...] = ("ce", "em", "forward", "backward", "nal", "nal_complex", "gce")
 
 
+LAYERS: dict[str, type[NoiseLayer]] = {
+    "ce": CrossEntropyLayer,
+    "em": EMLayer,
+    "forward": ForwardCorrectionLayer,
+    "backward": BackwardCorrectionLayer,
+    "nal": NoiseAdaptationLayer,
+    "nal_complex": ComplexNoiseAdaptationLayer,
+    "gce": GeneralizedCrossEntropyLayer,
+}
+
+
+def layer_class(method: str) -> type[NoiseLayer]:
+    """The noise-layer class of ``method`` (one of :data:`METHODS`), e.g. to ask whether it
+    :attr:`~NoiseLayer.needs_features` before building it."""
+    return LAYERS[check_choice("method", method, METHODS)]
+
+
 def make_noise_layer(
     method: str,
     num_classes: int,
@@ -370,23 +379,17 @@ def make_noise_layer(
     gce_q: float = 0.7,
     feature_size: int | None = None,
 ) -> NoiseLayer:
-    """The noise layer for ``method`` (one of :data:`METHODS`); ``feature_size`` is the width of ``h(x)`` that
-    ``"nal_complex"`` needs."""
-    check_choice("method", method, METHODS)
+    """The noise layer for ``method`` (one of :data:`METHODS`); ``feature_size`` is the width of ``h(x)`` that a
+    layer which :attr:`~NoiseLayer.needs_features` takes."""
+    layer = layer_class(method)
     check_choice("em_targets", em_targets, ("online", "stored"))
     check_float("gce_q", gce_q, 0, 1, open_minimum=True)
-    if method == "em":
+    if layer is EMLayer:
         return EMLayer(num_classes, em_targets)
-    if method == "nal_complex":
-        if feature_size is None:
-            raise ValueError("method='nal_complex' needs feature_size, the width of the net's last hidden layer")
-        return ComplexNoiseAdaptationLayer(num_classes, feature_size)
-    layers: dict[str, type[NoiseLayer]] = {
-        "ce": CrossEntropyLayer,
-        "forward": ForwardCorrectionLayer,
-        "backward": BackwardCorrectionLayer,
-        "nal": NoiseAdaptationLayer,
-    }
-    if method == "gce":
+    if layer is GeneralizedCrossEntropyLayer:
         return GeneralizedCrossEntropyLayer(num_classes, gce_q)
-    return layers[method](num_classes)
+    if layer.needs_features:
+        if feature_size is None:
+            raise ValueError(f"method={method!r} needs feature_size, the width of the net's last hidden layer")
+        return layer(num_classes, feature_size)
+    return layer(num_classes)

@@ -77,19 +77,34 @@ def instance_log_noise_matrices(features: Tensor, weight: Tensor, bias: Tensor) 
     return F.log_softmax(scores, dim=2)
 
 
-def instance_forward_nll(logits: Tensor, log_noise_matrices: Tensor, labels: Tensor) -> Tensor:
-    """Per-sample ``-log sum_i p(i | x_t) T(x_t)[i, z_t]`` for per-sample ``log T(x_t)`` (``[B, K, K]``)."""
+def _joint_log_given(logits: Tensor, log_noise_matrices: Tensor, labels: Tensor) -> Tensor:
+    """``log p(i | x_t) + log T(x_t)[i, z_t]``, ``[B, K]``."""
     log_probs = F.log_softmax(logits.float(), dim=1)
     log_given = log_noise_matrices.gather(2, labels.view(-1, 1, 1).expand(-1, log_noise_matrices.shape[1], 1))
-    return -(log_probs + log_given.squeeze(2)).logsumexp(dim=1)
+    return log_probs + log_given.squeeze(2)
+
+
+def instance_forward_nll(logits: Tensor, log_noise_matrices: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample ``-log sum_i p(i | x_t) T(x_t)[i, z_t]`` for per-sample ``log T(x_t)`` (``[B, K, K]``)."""
+    return -_joint_log_given(logits, log_noise_matrices, labels).logsumexp(dim=1)
 
 
 def instance_posterior(logits: Tensor, log_noise_matrices: Tensor, labels: Tensor) -> Tensor:
     """``c[t, i] = p(i | x_t) T(x_t)[i, z_t] / sum_k p(k | x_t) T(x_t)[k, z_t]``, the posterior of the true label
     under the complex model (float32)."""
-    log_probs = F.log_softmax(logits.float(), dim=1)
-    log_given = log_noise_matrices.gather(2, labels.view(-1, 1, 1).expand(-1, log_noise_matrices.shape[1], 1))
-    return torch.softmax(log_probs + log_given.squeeze(2), dim=1)
+    return torch.softmax(_joint_log_given(logits, log_noise_matrices, labels), dim=1)
+
+
+def implied_noise_matrix_sums(class_probs: Tensor, noise_matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The sums behind :func:`implied_noise_matrix`, which add up over chunks of samples: ``sum_t p(i | x_t)
+    T(x_t)[i, :]`` (``[K, K]``), ``sum_t p(i | x_t)`` (``[K, 1]``) and ``sum_t T(x_t)`` (``[K, K]``), float64."""
+    weights, matrices = class_probs.double(), noise_matrices.double()
+    return torch.einsum("ni,nij->ij", weights, matrices), weights.sum(dim=0).unsqueeze(1), matrices.sum(dim=0)
+
+
+def implied_noise_matrix_from_sums(weighted: Tensor, mass: Tensor, total: Tensor, count: int) -> Tensor:
+    """:func:`implied_noise_matrix` from :func:`implied_noise_matrix_sums` over ``count`` samples."""
+    return torch.where(mass > 0, weighted / mass.clamp_min(1e-300), total / max(count, 1))
 
 
 def implied_noise_matrix(class_probs: Tensor, noise_matrices: Tensor) -> Tensor:
@@ -103,11 +118,7 @@ def implied_noise_matrix(class_probs: Tensor, noise_matrices: Tensor) -> Tensor:
     Returns:
         ``[K, K]`` float64, row-stochastic (a class that no sample is put in gets its average over all samples).
     """
-    weights = class_probs.double()
-    summed = torch.einsum("ni,nij->ij", weights, noise_matrices.double())
-    mass = weights.sum(dim=0).unsqueeze(1)
-    fallback = noise_matrices.double().mean(dim=0)
-    return torch.where(mass > 0, summed / mass.clamp_min(1e-300), fallback)
+    return implied_noise_matrix_from_sums(*implied_noise_matrix_sums(class_probs, noise_matrices), len(class_probs))
 
 
 def backward_corrected_ce(
