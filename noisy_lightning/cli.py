@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 import yaml
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -182,10 +183,23 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
+def close_process_group() -> None:
+    """Destroy the default process group that a multi-process run leaves open, if there is one.
+
+    Lightning's DDP strategy does not destroy it. Left to the interpreter's shutdown, gloo's worker threads can
+    then abort a finished, successful process with SIGABRT ("terminate called without an active exception").
+    Call this once, after the last ``Trainer`` call of a script that ran with ``strategy="ddp"``.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     """Console-script entry point: errors in the arguments or the data are one message and exit status 2."""
     try:
         build_cli()
+        # Only after success: destroying the group while another rank is still in a collective could hang.
+        close_process_group()
     except (CLIError, ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
         if os.environ.get("NOISY_LIGHTNING_TRACEBACK"):
             raise

@@ -27,6 +27,7 @@ from noisy_lightning import (
     NoisyLabelClassifier,
     NoisyLabelDataModule,
 )
+from noisy_lightning.cli import close_process_group
 
 
 class CountValidationSamples(L.Callback):
@@ -151,3 +152,5 @@ def train(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     main()
+    # Without this, gloo's threads can abort a finished rank at interpreter shutdown (exit status -6).
+    close_process_group()

@@ -175,3 +175,21 @@ def test_every_shipped_config_parses_and_logs_to_csv_with_figures(config: Path, 
     assert loggers == {"TensorBoardLogger", "CSVLogger"}
     callbacks = {entry["class_path"].rsplit(".", 1)[1] for entry in printed["trainer"]["callbacks"]}
     assert "NoisyLabelFigures" in callbacks
+
+
+def test_a_successful_run_destroys_the_process_group_it_leaves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A DDP run leaves the default group open; at interpreter shutdown gloo can then abort the finished process.
+    import torch.distributed as dist
+
+    from noisy_lightning import cli as cli_module
+
+    def fit_that_leaves_a_group() -> None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    monkeypatch.setattr(cli_module, "build_cli", fit_that_leaves_a_group)
+    try:
+        cli_module.main()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
