@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from noisy_lightning.files import atomic_write
+from noisy_lightning.module import NoisyLabelClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,6 +44,11 @@ QUIET_TRAINER: dict[str, object] = {
 
 # The first line of every .md under results/ after its title; tests read it back with this pattern.
 METADATA = re.compile(r"^Written by `(?P<command>.+)` at commit (?P<commit>\S+) on (?P<machine>.+)\.$", re.MULTILINE)
+
+
+def accuracy(model: NoisyLabelClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of ``images`` whose predicted class (the argmax of the clean-label logits) is ``labels``."""
+    return (model.logits_of(images).argmax(dim=1) == labels).double().mean().item()
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     QUIET_TRAINER,
     RESULTS,
+    accuracy,
     add_fit_arguments,
     append_row,
     check_fit_arguments,
@@ -161,10 +162,6 @@ def fit(model: L.LightningModule, datamodule: L.LightningDataModule, callbacks: 
     return time.perf_counter() - started
 
 
-def test_accuracy(model: NoisyLabelClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return (model.logits_of(images).argmax(dim=1) == labels).double().mean().item()
-
-
 def precision_recall(flagged: torch.Tensor, flipped: torch.Tensor) -> tuple[float, float]:
     hits = (flagged & flipped).sum().item()
     precision = hits / flagged.sum().item() if flagged.any() else float("nan")
@@ -184,8 +181,8 @@ def run_method(method: str, datamodule: NoisyLabelDataModule) -> dict[str, float
     if method == "nal_complex":  # its theta depends on x: the matrix it implies on the training split
         theta = model.noise_layer.implied_noise_matrix(*model.outputs_of(pool.images[pool.train_indices]))
     result = {
-        "test_acc": test_accuracy(model, datamodule.test_images, datamodule.test_labels),
-        "val_acc_noisy": test_accuracy(model, pool.images[pool.val_indices], pool.given_labels[pool.val_indices]),
+        "test_acc": accuracy(model, datamodule.test_images, datamodule.test_labels),
+        "val_acc_noisy": accuracy(model, pool.images[pool.val_indices], pool.given_labels[pool.val_indices]),
         "theta_error": noise_matrix_error(theta, truth) if method in ESTIMATES_T else float("nan"),
         "issue_precision": float("nan"),
         "issue_recall": float("nan"),

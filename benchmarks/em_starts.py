@@ -28,12 +28,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     QUIET_TRAINER,
     RESULTS,
+    accuracy,
     append_row,
     command_line,
     commit,
@@ -95,13 +95,10 @@ def fit_one(dataset: str, row: str, seed: int, configuration: str) -> dict[str, 
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - started
     pool = datamodule.pool
-    with torch.no_grad():
-        accuracy = (model.logits_of(datamodule.test_images).argmax(1) == datamodule.test_labels).double().mean()
-        val = pool.val_indices
-        val_accuracy = (model.logits_of(pool.images[val]).argmax(1) == pool.given_labels[val]).double().mean()
+    val = pool.val_indices
     return {
-        "test_acc": accuracy.item(),
-        "val_acc_noisy": val_accuracy.item(),
+        "test_acc": accuracy(model, datamodule.test_images, datamodule.test_labels),
+        "val_acc_noisy": accuracy(model, pool.images[val], pool.given_labels[val]),
         "theta_error": noise_matrix_error(model.noise_matrix, datamodule.true_transition_matrix),
         "kept_start": callback.kept_start,
         "trial_scores": json.dumps([round(score["noisy_accuracy"], 5) for score in callback.trial_scores]),

@@ -44,7 +44,7 @@ from noisy_lightning import (
     NoisyLabelDataModule,
 )
 
-METHODS = ("ce", "em", "forward", "backward", "nal", "gce", "coteaching")
+METHODS = ("ce", "em", "forward", "backward", "nal", "nal_complex", "gce", "coteaching")
 
 
 def make(method: str) -> tuple[L.LightningModule, list[L.Callback]]:
@@ -54,7 +54,7 @@ def make(method: str) -> tuple[L.LightningModule, list[L.Callback]]:
     model = NoisyLabelClassifier(net=net, method=method)
     if method == "em":
         return model, [EMNoiseEstimation(warmup_epochs=1)]
-    if method in ("forward", "backward", "nal"):
+    if method in ("forward", "backward", "nal", "nal_complex"):
         return model, [NoiseMatrixEstimation(warmup_epochs=1)]
     return model, []
 

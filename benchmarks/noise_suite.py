@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     QUIET_TRAINER,
     RESULTS,
+    accuracy,
     add_fit_arguments,
     append_row,
     check_fit_arguments,
@@ -222,10 +223,12 @@ def fit_one(dataset: str, entry: SuiteMatrix, method: str, seed: int) -> dict[st
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - started
     pool = datamodule.pool
-    accuracy = (model.logits_of(datamodule.test_images).argmax(1) == datamodule.test_labels).double().mean().item()
     val = pool.val_indices
-    val_accuracy = (model.logits_of(pool.images[val]).argmax(1) == pool.given_labels[val]).double().mean().item()
-    result: dict[str, object] = {"test_acc": accuracy, "val_acc_noisy": val_accuracy, "fit_seconds": seconds}
+    result: dict[str, object] = {
+        "test_acc": accuracy(model, datamodule.test_images, datamodule.test_labels),
+        "val_acc_noisy": accuracy(model, pool.images[val], pool.given_labels[val]),
+        "fit_seconds": seconds,
+    }
     result["flip_rate"] = datamodule.corruption.flip_rate
     result["theta_error"] = result["label_recovery"] = float("nan")
     if method == "em":

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     QUIET_TRAINER,
     RESULTS,
+    accuracy,
     append_row,
     command_line,
     commit,
@@ -185,10 +186,6 @@ def trainer_for(setting: str) -> L.Trainer:
     return L.Trainer(accelerator="cpu", max_epochs=RECIPE["max_epochs"], callbacks=[stop], **QUIET_TRAINER)
 
 
-def accuracy(model: NoisyLabelClassifier, data: NoisyLabelDataModule) -> float:
-    return (model.logits_of(data.test_images).argmax(dim=1) == data.test_labels).double().mean().item()
-
-
 def next_stage(
     method: str, before: NoisyLabelClassifier, data: NoisyLabelDataModule, setting: str
 ) -> tuple[NoisyLabelClassifier, int]:
@@ -227,12 +224,12 @@ def run_seed(setting: str, seed: int, dataset: str = "mnist") -> dict[str, objec
     return {
         "setting": setting,
         "seed": seed,
-        "baseline_test_acc": accuracy(baseline, data),
+        "baseline_test_acc": accuracy(baseline, data.test_images, data.test_labels),
         "baseline_epochs": first.current_epoch,
-        "nal_test_acc": accuracy(simple, data),
+        "nal_test_acc": accuracy(simple, data.test_images, data.test_labels),
         "nal_epochs": simple_epochs,
         "theta_error": noise_matrix_error(simple.noise_matrix, data.true_transition_matrix),
-        "complex_test_acc": accuracy(complex_model, data),
+        "complex_test_acc": accuracy(complex_model, data.test_images, data.test_labels),
         "complex_epochs": complex_epochs,
         "complex_theta_error": complex_theta_error(complex_model, data),
         "flip_rate": data.corruption.flip_rate,

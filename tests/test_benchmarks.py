@@ -469,6 +469,30 @@ def test_compare_resumes_and_tabulates_what_the_runs_measured(tmp_path: Path, mo
     assert "| 95.00 ± 0.00 (seed 0 only) |" in (tmp_path / "partial.md").read_text()
 
 
+def test_the_label_issue_table_pairs_em_with_cleanlab_on_the_seeds_both_have(tmp_path: Path) -> None:
+    compare = _load("compare")
+
+    def run(method: str, seed: int, accuracy: float, precision: float) -> dict[str, object]:
+        values = {"test_acc": accuracy, "theta_error": 0.01 * (seed + 1), "issue_precision": precision}
+        values |= {"issue_recall": precision / 2, "fit_seconds": 10.0}
+        return {column: values.get(column, "") for column in compare.COLUMNS} | {
+            "row": "symmetric 50%",
+            "method": method,
+            "seed": str(seed),
+            "machine": "m",
+        }
+
+    runs = [run("ce", seed, 0.9, float("nan")) for seed in (0, 1, 2)]
+    # EM has three seeds; cleanlab only seeds 0 and 2, so EM's seed 1 (an outlier here) must stay out of the pair
+    runs += [run("em", 0, 0.97, 0.90), run("em", 1, 0.50, 0.10), run("em", 2, 0.99, 0.94)]
+    runs += [run("cleanlearning", 0, 0.96, 0.80), run("cleanlearning", 2, 0.98, 0.84)]
+    compare.write_table(tmp_path / "issues.csv", compare.COLUMNS, runs)
+    compare.write_markdown(tmp_path / "issues.csv", tmp_path / "issues.md", "mnist", "metadata", seeds=[0, 1, 2])
+    table = (tmp_path / "issues.md").read_text()
+    assert "| symmetric 50% | 0, 2 | 0.9200 | 0.4600 | 0.8200 | 0.4100 | 0.020 | 0.020 | 98.00 | 97.00 |" in table
+    assert "(seeds 0, 2 only)" in table  # the accuracy table says that cleanlab has fewer seeds
+
+
 def test_compare_runs_each_method_with_the_library_defaults() -> None:
     compare = _load("compare")
     default = NoisyLabelClassifier(method="em").hparams
