@@ -18,10 +18,12 @@ fits eight at a time on one GPU. Methods:
 - ``coteaching``: Han et al. (NeurIPS 2018), forget rate estimated from anchor points after the first epoch;
 - ``cleanlearning``: cleanlab's recipe done with the same network: 5-fold out-of-fold ``pred_probs`` on the
   training split, ``cleanlab.filter.find_label_issues``, then a cross-entropy fit on the labels it keeps. Needs the
-  benchmark extra (``pip install -e ".[bench]"``). Its fit time is the sum of its six fits.
+  benchmark extra (``pip install -e ".[bench]"``). Its fit time is the sum of its six fits;
+- ``em_prune``: CleanLearning's last step on EM's flags: an EM fit, this library's ``find_label_issues``, then a
+  cross-entropy fit on the training labels that it does not flag. Its fit time is the sum of its two fits.
 
-For ``em`` and ``cleanlearning`` the CSV also holds the precision and recall of the flagged labels against the true
-flips of the training split, and the theta error of cleanlab's own estimate
+For ``em``, ``em_prune`` and ``cleanlearning`` the CSV also holds the precision and recall of the flagged labels
+against the true flips of the training split, and for ``cleanlearning`` the theta error of cleanlab's own estimate
 (``estimate_py_and_noise_matrices_from_probabilities``).
 """
 
@@ -61,6 +63,7 @@ from common import (
 from noisy_lightning import (
     MLP,
     CoTeachingClassifier,
+    LabelIssues,
     NoiseMatrixEstimation,
     NoisyLabelClassifier,
     NoisyLabelDataModule,
@@ -113,8 +116,9 @@ METHODS = (
     "gce",
     "coteaching",
     "cleanlearning",
+    "em_prune",
 )
-ESTIMATES_T = {"em", "forward", "backward", "nal", "nal_complex", "coteaching", "cleanlearning"}
+ESTIMATES_T = {"em", "forward", "backward", "nal", "nal_complex", "coteaching", "cleanlearning", "em_prune"}
 CV_FOLDS = 5
 ACCELERATOR = "cpu"  # every fit's; --accelerator sets it, in each worker process too
 
@@ -175,6 +179,8 @@ def run_method(method: str, datamodule: NoisyLabelDataModule) -> dict[str, float
     truth = datamodule.true_transition_matrix
     if method == "cleanlearning":
         return run_cleanlearning(datamodule)
+    if method == "em_prune":
+        return run_em_prune(datamodule)
     model, callbacks = make_model(method)
     seconds = fit(model, datamodule, callbacks)
     theta = model.noise_matrix
@@ -190,12 +196,56 @@ def run_method(method: str, datamodule: NoisyLabelDataModule) -> dict[str, float
         "fit_seconds": seconds,
     }
     if method == "em":
-        issues = find_label_issues(model, datamodule)
-        in_train = ~issues.in_validation
-        rows = issues.index[in_train]
-        flipped = pool.given_labels[rows] != pool.clean_labels[rows]
-        result["issue_precision"], result["issue_recall"] = precision_recall(issues.is_issue[in_train], flipped)
+        flagged = flagged_training_labels(find_label_issues(model, datamodule), pool.train_indices)
+        train = pool.train_indices
+        flipped = pool.given_labels[train] != pool.clean_labels[train]
+        result["issue_precision"], result["issue_recall"] = precision_recall(flagged, flipped)
     return result
+
+
+def flagged_training_labels(issues: LabelIssues, train_indices: torch.Tensor) -> torch.Tensor:
+    """Whether each sample of the training split (in ``train_indices``' order) is flagged by ``issues``, which
+    ranks the whole pool (validation split included) in its own order."""
+    flagged = torch.zeros(len(issues.index), dtype=torch.bool)
+    flagged[issues.index] = issues.is_issue
+    return flagged[train_indices]
+
+
+def run_em_prune(datamodule: NoisyLabelDataModule) -> dict[str, float]:
+    """An EM fit with its defaults, then CleanLearning's last step on EM's flags: a cross-entropy fit of the shared
+    recipe on the training labels that ``find_label_issues`` does not flag. The theta error is EM's."""
+    pool = datamodule.pool
+    model, callbacks = make_model("em")
+    seconds = fit(model, datamodule, callbacks)
+    flagged = flagged_training_labels(find_label_issues(model, datamodule), pool.train_indices)
+    images, given, clean = training_split(datamodule)
+    precision, recall = precision_recall(flagged, given != clean)
+    test_probabilities, refit_seconds = fit_ce_on(
+        images[~flagged], given[~flagged], clean[~flagged], as_image_batch(datamodule, datamodule.test_images)
+    )
+    return {
+        "test_acc": (test_probabilities.argmax(dim=1) == datamodule.test_labels).double().mean().item(),
+        "val_acc_noisy": float("nan"),  # the refit has no validation split of its own
+        "theta_error": noise_matrix_error(model.noise_matrix, datamodule.true_transition_matrix),
+        "issue_precision": precision,
+        "issue_recall": recall,
+        "fits": 2,
+        "fit_seconds": seconds + refit_seconds,
+    }
+
+
+def as_image_batch(datamodule: NoisyLabelDataModule, images: torch.Tensor) -> torch.Tensor:
+    """``images`` in the pool's image shape, so that a fit of them shifts them like the other methods' fits (a
+    flat ``[N, D]`` tensor is features, which no augmentation touches)."""
+    shape = datamodule.pool.image_shape
+    return images.view(-1, *(shape[1:] if shape[0] == 1 else shape))
+
+
+def training_split(datamodule: NoisyLabelDataModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training split's images (as :func:`as_image_batch`), given labels and clean labels."""
+    pool = datamodule.pool
+    train = pool.train_indices
+    return as_image_batch(datamodule, pool.images[train]), pool.given_labels[train], pool.clean_labels[train]
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
@@ -238,13 +288,9 @@ def run_cleanlearning(datamodule: NoisyLabelDataModule) -> dict[str, float]:
     from cleanlab.filter import find_label_issues as cleanlab_find_label_issues
 
     pool = datamodule.pool
-    train = pool.train_indices
-    images, given, clean = pool.images[train], pool.given_labels[train], pool.clean_labels[train]
-    # As images, so that the folds' fits shift them like the other methods' (a flat [N, D] tensor is features).
-    shape = pool.image_shape[1:] if pool.image_shape[0] == 1 else pool.image_shape
-    as_images = images.view(-1, *shape)
+    as_images, given, clean = training_split(datamodule)
     folds = stratified_folds(given, CV_FOLDS, datamodule.seed)
-    pred_probs = torch.zeros(len(train), pool.num_classes)
+    pred_probs = torch.zeros(len(given), pool.num_classes)
     seconds = 0.0
     for fold in range(CV_FOLDS):
         held_out = folds == fold
@@ -263,8 +309,8 @@ def run_cleanlearning(datamodule: NoisyLabelDataModule) -> dict[str, float]:
     precision, recall = precision_recall(flagged, given != clean)
     # cleanlab's noise_matrix[given, true] = P(given | true): the transpose of theta.
     theta = torch.from_numpy(noise_matrix).t()
-    test_shape = datamodule.test_images.view(-1, *shape)
-    test_probabilities, final_seconds = fit_ce_on(as_images[~flagged], given[~flagged], clean[~flagged], test_shape)
+    test_images = as_image_batch(datamodule, datamodule.test_images)
+    test_probabilities, final_seconds = fit_ce_on(as_images[~flagged], given[~flagged], clean[~flagged], test_images)
     seconds += final_seconds
     return {
         "test_acc": (test_probabilities.argmax(dim=1) == datamodule.test_labels).double().mean().item(),

@@ -16,9 +16,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import ModuleType
 
+import lightning as L
 import pytest
 import torch
 
@@ -491,6 +493,47 @@ def test_the_label_issue_table_pairs_em_with_cleanlab_on_the_seeds_both_have(tmp
     table = (tmp_path / "issues.md").read_text()
     assert "| symmetric 50% | 0, 2 | 0.9200 | 0.4600 | 0.8200 | 0.4100 | 0.020 | 0.020 | 98.00 | 97.00 |" in table
     assert "(seeds 0, 2 only)" in table  # the accuracy table says that cleanlab has fewer seeds
+
+
+def test_em_prune_flags_in_the_rankings_order_and_drops_the_validation_split() -> None:
+    compare = _load("compare")
+    # A ranking of a pool of six: samples 3 and 5 flagged; 5 is in the validation split, so not in the result.
+    issues = types.SimpleNamespace(
+        index=torch.tensor([3, 0, 5, 1, 2, 4]), is_issue=torch.tensor([True, False, True, False, False, False])
+    )
+    assert compare.flagged_training_labels(issues, torch.tensor([4, 0, 3, 1])).tolist() == [False, False, True, False]
+
+
+@pytest.mark.slow
+def test_em_prune_refits_on_the_training_labels_that_em_does_not_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    compare = _load("compare")
+    monkeypatch.setitem(compare.RECIPE, "epochs", 1)
+    seen: dict[str, object] = {}
+    find_label_issues, fit_ce_on = compare.find_label_issues, compare.fit_ce_on
+
+    def watch_issues(model: NoisyLabelClassifier, datamodule: NoisyLabelDataModule) -> object:
+        seen["issues"] = find_label_issues(model, datamodule)
+        return seen["issues"]
+
+    def watch_refit(images: torch.Tensor, labels: torch.Tensor, *rest: torch.Tensor) -> object:
+        seen["refit_labels"] = labels
+        return fit_ce_on(images, labels, *rest)
+
+    monkeypatch.setattr(compare, "find_label_issues", watch_issues)
+    monkeypatch.setattr(compare, "fit_ce_on", watch_refit)
+    L.seed_everything(0)
+    data = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.5, batch_size=128)
+    data.setup("fit")
+    result = compare.run_method("em_prune", data)
+    pool, issues = data.pool, seen["issues"]
+    flagged_pool = set(issues.index[issues.is_issue].tolist())
+    kept = [index for index in pool.train_indices.tolist() if index not in flagged_pool]
+    assert 0 < len(kept) < len(pool.train_indices)
+    assert torch.equal(seen["refit_labels"], pool.given_labels[kept])
+    assert result["fits"] == 2 and 0.0 <= result["test_acc"] <= 1.0
+    flipped = set((pool.given_labels != pool.clean_labels).nonzero().squeeze(1).tolist())
+    flagged_train = flagged_pool & set(pool.train_indices.tolist())
+    assert result["issue_precision"] == pytest.approx(len(flagged_train & flipped) / len(flagged_train))
 
 
 def test_compare_runs_each_method_with_the_library_defaults() -> None:
