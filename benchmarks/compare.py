@@ -387,7 +387,8 @@ def write_markdown(
     lines += [
         "",
         "Theta error, ||theta - T||_1 / ||T||_1 against the realised corruption, mean over seeds (cleanlearning: "
-        "cleanlab's `estimate_py_and_noise_matrices_from_probabilities` on the out-of-fold probabilities):",
+        "cleanlab's `estimate_py_and_noise_matrices_from_probabilities` on the out-of-fold probabilities; em_prune: "
+        "the theta of its EM fit):",
         "",
         "| noise | " + " | ".join(estimating) + " |",
         "|---|" + "---|" * len(estimating),
@@ -397,7 +398,8 @@ def write_markdown(
     lines += [
         "",
         "Wall time of each method's fit as a ratio to the cross-entropy fit of the same noise and seed on the same "
-        "machine, mean over those seeds (cleanlearning: its five cross-validation fits and its final fit together). "
+        "machine, mean over those seeds (cleanlearning: its five cross-validation fits and its final fit together; "
+        "em_prune: its EM fit and its refit). "
         "The fits ran one after another, or several at a time where the `machine` column says so, on machines that "
         "other work shared at times, so compare these loosely; `method_cost.md` times the methods side by side.",
         "",

@@ -534,6 +534,9 @@ def test_em_prune_refits_on_the_training_labels_that_em_does_not_flag(monkeypatc
     flipped = set((pool.given_labels != pool.clean_labels).nonzero().squeeze(1).tolist())
     flagged_train = flagged_pool & set(pool.train_indices.tolist())
     assert result["issue_precision"] == pytest.approx(len(flagged_train & flipped) / len(flagged_train))
+    flipped_train = flipped & set(pool.train_indices.tolist())
+    assert result["issue_recall"] == pytest.approx(len(flagged_train & flipped) / len(flipped_train))
+    assert 0.0 <= result["theta_error"] < 2.0
 
 
 def test_compare_runs_each_method_with_the_library_defaults() -> None:
