@@ -19,8 +19,9 @@ fits eight at a time on one GPU. Methods:
 - ``cleanlearning``: cleanlab's recipe done with the same network: 5-fold out-of-fold ``pred_probs`` on the
   training split, ``cleanlab.filter.find_label_issues``, then a cross-entropy fit on the labels it keeps. Needs the
   benchmark extra (``pip install -e ".[bench]"``). Its fit time is the sum of its six fits;
-- ``em_prune``: CleanLearning's last step on EM's flags: an EM fit, this library's ``find_label_issues``, then a
-  cross-entropy fit on the training labels that it does not flag. Its fit time is the sum of its two fits.
+- ``em_prune`` ("EM + refit"): an EM fit, this library's ``find_label_issues``, then a cross-entropy fit on the
+  same data with ``NoisyLabelDataModule(drop_label_issues=...)``, which leaves the flagged training labels out
+  (CleanLearning's last step on EM's flags). Its fit time is the sum of its two fits.
 
 For ``em``, ``em_prune`` and ``cleanlearning`` the CSV also holds the precision and recall of the flagged labels
 against the true flips of the training split, and for ``cleanlearning`` the theta error of cleanlab's own estimate
@@ -35,6 +36,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -211,18 +213,27 @@ def flagged_training_labels(issues: LabelIssues, train_indices: torch.Tensor) ->
 
 
 def run_em_prune(datamodule: NoisyLabelDataModule) -> dict[str, float]:
-    """An EM fit with its defaults, then CleanLearning's last step on EM's flags: a cross-entropy fit of the shared
-    recipe on the training labels that ``find_label_issues`` does not flag. The theta error is EM's."""
+    """ "EM + refit", as the library runs it: an EM fit with its defaults, its ``find_label_issues`` written to a
+    ``label_issues.csv``, then a cross-entropy fit of the shared recipe on the same DataModule built again with
+    ``drop_label_issues`` set to that file (the flagged training samples left out, the validation split whole).
+    The theta error is EM's."""
     pool = datamodule.pool
     model, callbacks = make_model("em")
     seconds = fit(model, datamodule, callbacks)
-    flagged = flagged_training_labels(find_label_issues(model, datamodule), pool.train_indices)
+    issues = find_label_issues(model, datamodule)
+    flagged = flagged_training_labels(issues, pool.train_indices)
     _, given, clean = training_split(datamodule)
     precision, recall = precision_recall(flagged, given != clean)
-    test_accuracy, refit_seconds = refit_without(datamodule, flagged)
+    with tempfile.TemporaryDirectory() as folder:
+        path = issues.to_csv(Path(folder) / "label_issues.csv")
+        refit_data = NoisyLabelDataModule(**{**datamodule.hparams, "drop_label_issues": str(path)})
+        refit_data.setup("fit")  # reads the file, which goes with the folder
+    refit, refit_callbacks = make_model("ce")
+    refit_seconds = fit(refit, refit_data, refit_callbacks)
+    kept = refit_data.pool
     return {
-        "test_acc": test_accuracy,
-        "val_acc_noisy": float("nan"),  # the refit has no validation split of its own
+        "test_acc": accuracy(refit, refit_data.test_images, refit_data.test_labels),
+        "val_acc_noisy": accuracy(refit, kept.images[kept.val_indices], kept.given_labels[kept.val_indices]),
         "theta_error": noise_matrix_error(model.noise_matrix, datamodule.true_transition_matrix),
         "issue_precision": precision,
         "issue_recall": recall,

@@ -22,15 +22,19 @@ def fresh_copy(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with every layer that can re-initialise itself re-initialised (a second, independent
     network of the same architecture, drawn from the current RNG)."""
     twin = copy.deepcopy(net)
-    for module in twin.modules():
-        reset = getattr(module, "reset_parameters", None)
+    unchanged = []
+    for (name, original), copied in zip(net.named_modules(), twin.modules(), strict=True):
+        reset = getattr(copied, "reset_parameters", None)
         if callable(reset):
-            reset()
-    unchanged = [
-        name
-        for (name, original), (_, copied) in zip(net.named_parameters(), twin.named_parameters(), strict=True)
-        if original.numel() > 1 and torch.equal(original, copied)
-    ]
+            reset()  # a layer with a fixed initialisation (batch norm's ones and zeros) rightly stays the same
+            continue
+        unchanged += [
+            f"{name}.{parameter}" if name else parameter
+            for (parameter, first), (_, second) in zip(
+                original.named_parameters(recurse=False), copied.named_parameters(recurse=False), strict=True
+            )
+            if first.numel() > 1 and torch.equal(first, second)
+        ]
     if unchanged:
         rank_zero_warn(
             f"co-teaching's second network starts with the same {', '.join(unchanged)} as the first: their modules "

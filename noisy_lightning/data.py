@@ -32,6 +32,7 @@ from noisy_lightning.batching import TensorBatches
 from noisy_lightning.checks import check_choice, check_float, check_int
 from noisy_lightning.contract import EvalBatch, NoisyPool, PredictBatch, TestBatch, TrainBatch
 from noisy_lightning.idx import read_idx
+from noisy_lightning.issues import flagged_in_csv
 from noisy_lightning.noise import (
     NOISE_TYPES,
     Corruption,
@@ -236,6 +237,10 @@ class NoisyLabelDataModule(L.LightningDataModule):
         val_fraction: fraction of the training pool held out for validation, in ``(0, 1)``.
         batch_size: samples per training batch (> 0).
         eval_batch_size: samples per validation/test/predict batch; default ``max(batch_size, 1024)``.
+        drop_label_issues: a ``label_issues.csv`` written for this same data (by ``predict`` or
+            :meth:`~noisy_lightning.LabelIssues.to_csv`): the training samples it flags (``is_issue = 1``) are left
+            out of the training split. The validation split keeps all its samples and labels. With a fit on the
+            rest this is the "EM + refit" recipe of the results (a file written for other data is refused).
 
     Loaders are :class:`~noisy_lightning.batching.TensorBatches`, not ``DataLoader``: the data is resident, so a
     batch is one gather per tensor, on the Trainer's device. The training order depends on ``seed`` and the epoch
@@ -254,6 +259,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
+        drop_label_issues: str | None = None,
     ) -> None:
         super().__init__()
         check_choice("dataset", dataset, DATASETS)
@@ -281,6 +287,13 @@ class NoisyLabelDataModule(L.LightningDataModule):
         self.eval_batch_size = (
             max(batch_size, 1024) if eval_batch_size is None else check_int("eval_batch_size", eval_batch_size, 1)
         )
+        drop_label_issues = settings.get("drop_label_issues")
+        if drop_label_issues is not None and not isinstance(drop_label_issues, (str, os.PathLike)):
+            raise ValueError(
+                "drop_label_issues must be the path of a label_issues.csv or None, got "
+                f"{type(drop_label_issues).__name__}"
+            )
+        self.drop_label_issues = None if drop_label_issues is None else os.fspath(drop_label_issues)
         self.dataset = dataset
         self.num_classes = num_classes
         self.noise_type = noise_type
@@ -309,6 +322,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
+        drop_label_issues: str | None = None,
     ) -> NoisyLabelDataModule:
         """A DataModule over tensors in memory.
 
@@ -377,6 +391,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
                 "batch_size": batch_size,
                 "eval_batch_size": eval_batch_size,
                 "num_classes": num_classes,
+                "drop_label_issues": None if drop_label_issues is None else os.fspath(drop_label_issues),
             }
         )
         datamodule.data_dir, datamodule.download = "", False
@@ -446,11 +461,17 @@ class NoisyLabelDataModule(L.LightningDataModule):
                 truth = self.corruption.realised_transition_matrix
         # The split gets its own stream, so changing the noise never moves samples between train and val.
         order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(self.seed + 7919))
+        train_indices = order[num_val:].sort().values
+        if self.drop_label_issues is not None:
+            flagged = flagged_in_csv(self.drop_label_issues, given)
+            train_indices = train_indices[~flagged[train_indices]]
+            if train_indices.numel() == 0:
+                raise ValueError(f"drop_label_issues={self.drop_label_issues!r} flags every training sample")
         flat = raw.image_shape is not None and raw.images.ndim == 3  # MNIST-like [N, H, W]: MLP-ready [N, H*W]
         self._pool = NoisyPool(
             images=normalise(raw.images, raw.mean, raw.std, flatten=flat),
             given_labels=given,
-            train_indices=order[num_val:].sort().values,
+            train_indices=train_indices,
             val_indices=order[:num_val].sort().values,
             num_classes=self.num_classes,
             clean_labels=clean,
@@ -569,6 +590,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
         if self._pool is not None:
             state["labels_checksum"] = _checksum(self._pool.given_labels)
             state["images_checksum"] = _checksum(self._pool.images)
+            state["train_checksum"] = _checksum(self._pool.train_indices)
         return state
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
@@ -583,11 +605,12 @@ class NoisyLabelDataModule(L.LightningDataModule):
             mismatches.append("noise model (noise_type / noise_rate / transition_matrix)")
         if self._pool is not None:
             for key, tensor, what in (
-                ("labels_checksum", self._pool.given_labels, "labels"),
-                ("images_checksum", self._pool.images, "images"),
+                ("labels_checksum", self._pool.given_labels, "labels (the data differs)"),
+                ("images_checksum", self._pool.images, "images (the data differs)"),
+                ("train_checksum", self._pool.train_indices, "training split (drop_label_issues differs)"),
             ):
                 if state_dict.get(key) not in (None, _checksum(tensor)):
-                    mismatches.append(f"{what} (the data differs)")
+                    mismatches.append(what)
         if mismatches:
             raise ValueError(
                 "this checkpoint was trained with another data configuration: "

@@ -100,6 +100,57 @@ class LabelIssues:
         return path
 
 
+def flagged_in_csv(path: str | os.PathLike[str], given_labels: Tensor) -> Tensor:
+    """Which samples of a pool a ``label_issues.csv`` (:meth:`LabelIssues.to_csv`) flags, in pool order.
+
+    The file must have been written for this pool: one row per sample (``index`` covering ``0 .. N-1`` once
+    each) with the same ``given_label`` as ``given_labels``; anything else (another dataset, another noise seed,
+    a truncated file) is refused with a ``ValueError`` naming the file, rather than dropping the wrong samples.
+
+    Returns:
+        ``[N]`` bool, ``True`` where the row's ``is_issue`` is 1.
+    """
+    path = Path(path)
+    size = given_labels.numel()
+    if not path.is_file():
+        raise ValueError(f"drop_label_issues={str(path)!r}: no such file (a label_issues.csv written by predict)")
+    required = ("index", "given_label", "is_issue")
+    with path.open(newline="") as stream:
+        reader = csv.DictReader(stream)
+        missing = [name for name in required if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"drop_label_issues={str(path)!r} has no column {', '.join(missing)}: not a label_issues.csv"
+            )
+        try:
+            rows = [(int(row["index"]), int(row["given_label"]), int(row["is_issue"])) for row in reader]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"drop_label_issues={str(path)!r}: row {reader.line_num} is not whole (index, given_label and "
+                "is_issue must be integers); the file may be truncated"
+            ) from None
+    index = torch.tensor([row[0] for row in rows], dtype=torch.long)
+    seen = torch.zeros(size, dtype=torch.long)
+    in_range = bool(((index >= 0) & (index < size)).all()) if len(rows) else True
+    if in_range:
+        seen.index_add_(0, index, torch.ones_like(index))
+    if len(rows) != size or not in_range or not bool((seen == 1).all()):
+        raise ValueError(
+            f"drop_label_issues={str(path)!r} has {len(rows)} rows but this data's training pool has {size} samples, "
+            "each to appear once: the file was written for other data (or is truncated)"
+        )
+    given = torch.tensor([row[1] for row in rows], dtype=torch.long)
+    differ = int((given_labels.long()[index] != given).sum())
+    if differ:
+        raise ValueError(
+            f"drop_label_issues={str(path)!r}: its given_label differs from this data's at {differ} of {size} "
+            "samples; it was written for another dataset, noise setting or seed"
+        )
+    flagged = torch.zeros(size, dtype=torch.bool)
+    flagged[index] = torch.tensor([row[2] == 1 for row in rows], dtype=torch.bool)
+    return flagged
+
+
 def write_noise_matrix_csv(noise_matrix: Tensor, path: str | os.PathLike[str]) -> Path:
     """Write ``theta`` as CSV: a header ``true_class, given_0 .. given_{K-1}``, then one row per true class."""
     path = Path(path)
