@@ -508,28 +508,33 @@ def test_em_prune_flags_in_the_rankings_order_and_drops_the_validation_split() -
 def test_em_prune_refits_on_the_training_labels_that_em_does_not_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     compare = _load("compare")
     monkeypatch.setitem(compare.RECIPE, "epochs", 1)
-    seen: dict[str, object] = {}
-    find_label_issues, fit_ce_on = compare.find_label_issues, compare.fit_ce_on
+    seen: dict[str, list[object]] = {"issues": [], "fitted_on": []}
+    find_label_issues, fit = compare.find_label_issues, compare.fit
 
     def watch_issues(model: NoisyLabelClassifier, datamodule: NoisyLabelDataModule) -> object:
-        seen["issues"] = find_label_issues(model, datamodule)
-        return seen["issues"]
+        seen["issues"].append(find_label_issues(model, datamodule))
+        return seen["issues"][-1]
 
-    def watch_refit(images: torch.Tensor, labels: torch.Tensor, *rest: torch.Tensor) -> object:
-        seen["refit_labels"] = labels
-        return fit_ce_on(images, labels, *rest)
+    def watch_fit(model: L.LightningModule, datamodule: NoisyLabelDataModule, callbacks: list[L.Callback]) -> float:
+        seen["fitted_on"].append(datamodule)
+        return fit(model, datamodule, callbacks)
 
     monkeypatch.setattr(compare, "find_label_issues", watch_issues)
-    monkeypatch.setattr(compare, "fit_ce_on", watch_refit)
+    monkeypatch.setattr(compare, "fit", watch_fit)
     L.seed_everything(0)
     data = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.5, batch_size=128)
     data.setup("fit")
     result = compare.run_method("em_prune", data)
-    pool, issues = data.pool, seen["issues"]
+    pool, (issues,) = data.pool, seen["issues"]
     flagged_pool = set(issues.index[issues.is_issue].tolist())
     kept = [index for index in pool.train_indices.tolist() if index not in flagged_pool]
     assert 0 < len(kept) < len(pool.train_indices)
-    assert torch.equal(seen["refit_labels"], pool.given_labels[kept])
+    first, refit = seen["fitted_on"]
+    assert first is data
+    # The refit's data is the same pool and split, less the flagged training samples; validation is untouched.
+    assert refit.pool.train_indices.tolist() == kept
+    assert torch.equal(refit.pool.val_indices, pool.val_indices)
+    assert torch.equal(refit.pool.given_labels, pool.given_labels)
     assert result["fits"] == 2 and 0.0 <= result["test_acc"] <= 1.0
     flipped = set((pool.given_labels != pool.clean_labels).nonzero().squeeze(1).tolist())
     flagged_train = flagged_pool & set(pool.train_indices.tolist())
