@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from noisy_lightning.batching import TensorBatches
@@ -464,9 +465,14 @@ class NoisyLabelDataModule(L.LightningDataModule):
         train_indices = order[num_val:].sort().values
         if self.drop_label_issues is not None:
             flagged = flagged_in_csv(self.drop_label_issues, given)
-            train_indices = train_indices[~flagged[train_indices]]
-            if train_indices.numel() == 0:
+            kept = train_indices[~flagged[train_indices]]
+            if kept.numel() == 0:
                 raise ValueError(f"drop_label_issues={self.drop_label_issues!r} flags every training sample")
+            rank_zero_info(
+                f"drop_label_issues: left out {train_indices.numel() - kept.numel()} flagged training labels of "
+                f"{train_indices.numel()} ({self.drop_label_issues})"
+            )
+            train_indices = kept
         flat = raw.image_shape is not None and raw.images.ndim == 3  # MNIST-like [N, H, W]: MLP-ready [N, H*W]
         self._pool = NoisyPool(
             images=normalise(raw.images, raw.mean, raw.std, flatten=flat),

@@ -119,6 +119,23 @@ def test_one_flag_gives_the_cross_entropy_baseline_and_the_noise_changes_from_th
     assert (saved["data"]["noise_type"], saved["data"]["noise_rate"]) == ("permutation", 0.4)
 
 
+@pytest.mark.slow
+def test_em_then_a_refit_without_the_labels_it_flags(tmp_path: Path) -> None:
+    """The README's "EM + refit" from the command line: fit, predict (label_issues.csv), fit again without them."""
+    args = ["--config", str(QUICKSTART), "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
+    assert cli("fit", *args, cwd=tmp_path).returncode == 0
+    predicted = cli("predict", *args, "--ckpt_path", "last", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    issues = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "label_issues.csv"
+    flagged = [row for row in issues.read_text().splitlines()[1:] if row.split(",")[4:6] == ["1", "train"]]
+    assert flagged, "a one-epoch EM fit on 45% pair-flip noise flags some training labels"
+    refit = cli("fit", *args, "--model.method", "ce", "--data.drop_label_issues", str(issues), cwd=tmp_path)
+    assert refit.returncode == 0, refit.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "lightning_logs" / "quickstart" / "version_1" / "config.yaml").read_text())
+    assert saved["data"]["drop_label_issues"] == str(issues)
+    assert f"left out {len(flagged)} flagged training labels" in refit.stderr + refit.stdout
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -126,6 +143,7 @@ def test_one_flag_gives_the_cross_entropy_baseline_and_the_noise_changes_from_th
         (["--data.noise_type", "pairflip"], 'Parser key "data.noise_type"'),
         (["--model.lr", "-1"], "lr must be a finite number in (0, inf), got -1.0"),
         (["--ckpt_path", "missing.ckpt"], "checkpoint missing.ckpt does not exist"),
+        (["--data.drop_label_issues", "missing.csv"], "drop_label_issues='missing.csv': no such file"),
     ],
 )
 def test_a_bad_value_is_a_few_lines_naming_the_parameter(tmp_path: Path, override: list[str], message: str) -> None:

@@ -350,3 +350,70 @@ def test_gzip_only_folder_loads(tmp_path: Path) -> None:
     datamodule = NoisyLabelDataModule(dataset="kmnist", data_dir=str(folder), val_fraction=0.5)
     datamodule.setup("fit")
     assert datamodule.pool.size == 60
+
+
+def _issues_file(data: NoisyLabelDataModule, flagged: torch.Tensor, path: Path) -> Path:
+    """A label_issues.csv for ``data``'s pool (in a shuffled order, as a ranking would be) flagging ``flagged``."""
+    from noisy_lightning import LabelIssues
+
+    pool = data.pool
+    order = torch.randperm(pool.size, generator=torch.Generator().manual_seed(1))
+    posterior = torch.full((pool.size, pool.num_classes), 1 / pool.num_classes)
+    in_validation = torch.zeros(pool.size, dtype=torch.bool)
+    in_validation[pool.val_indices] = True
+    issues = LabelIssues(
+        index=order,
+        given_label=pool.given_labels[order],
+        posterior=posterior,
+        corrected_label=pool.given_labels[order],
+        score=posterior[:, 0],
+        is_issue=flagged[order],
+        in_validation=in_validation[order],
+        noise_matrix=torch.eye(pool.num_classes),
+    )
+    return issues.to_csv(path)
+
+
+def test_drop_label_issues_leaves_the_flagged_training_samples_out(tmp_path: Path) -> None:
+    settings = {"noise_type": "symmetric", "noise_rate": 0.4, "seed": 3}
+    data = NoisyLabelDataModule(**settings)
+    data.setup("fit")
+    pool = data.pool
+    flagged = torch.zeros(pool.size, dtype=torch.bool)
+    flagged[pool.train_indices[::3]] = True  # a third of the training split
+    flagged[pool.val_indices[:5]] = True  # flags in the validation split change nothing
+    path = _issues_file(data, flagged, tmp_path / "label_issues.csv")
+    refit = NoisyLabelDataModule(**settings, drop_label_issues=str(path))
+    refit.setup("fit")
+    expected = [index for index in pool.train_indices.tolist() if not flagged[index]]
+    assert refit.pool.train_indices.tolist() == expected
+    assert torch.equal(refit.pool.val_indices, pool.val_indices)
+    assert torch.equal(refit.pool.given_labels, pool.given_labels)
+    assert refit.hparams["drop_label_issues"] == str(path)
+    # A checkpoint of the refit does not resume on the full training split (or another file's).
+    with pytest.raises(ValueError, match="training split"):
+        data.load_state_dict(refit.state_dict())
+
+
+def test_drop_label_issues_refuses_a_file_written_for_other_data(tmp_path: Path) -> None:
+    data = NoisyLabelDataModule(noise_type="symmetric", noise_rate=0.4, seed=3)
+    data.setup("fit")
+    path = _issues_file(data, torch.zeros(data.pool.size, dtype=torch.bool), tmp_path / "label_issues.csv")
+    lines = path.read_text().splitlines()
+    cases = {
+        "another seed": (None, {"seed": 4}, "its given_label differs from this data's"),
+        "truncated": ("\n".join(lines[:100]) + "\n", {}, "has 99 rows but this data's training pool has 4000"),
+        "cut mid-row": ("\n".join(lines[:100]) + "\n12", {}, "row 101 is not whole"),
+        "not a label_issues.csv": ("a,b\n1,2\n", {}, "has no column index, given_label, is_issue"),
+        "missing": ("", {}, "no such file"),
+    }
+    for name, (text, change, message) in cases.items():
+        target = tmp_path / f"{name}.csv"
+        if text is None:
+            target = path
+        elif name != "missing":
+            target.write_text(text)
+        settings = {"noise_type": "symmetric", "noise_rate": 0.4, "seed": 3, **change}
+        with pytest.raises(ValueError, match=re.escape(message)) as raised:
+            NoisyLabelDataModule(**settings, drop_label_issues=str(target)).setup("fit")
+        assert "drop_label_issues=" in str(raised.value), name
