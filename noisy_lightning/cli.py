@@ -129,7 +129,7 @@ class NoisyLabelCLI(LightningCLI):
                 continue
             settings = yaml.safe_load(saved.read_text())
             saved_sections = {key: settings.get(key) for key in ("model", "data")}
-            if saved_sections == current:
+            if _same_settings(saved_sections, current):
                 if subcommand in EVALUATIONS:
                     self._log_into_run_of(path)
                 return str(path)
@@ -153,10 +153,18 @@ class NoisyLabelCLI(LightningCLI):
                 logger._version = int(run.name.removeprefix("version_"))
 
 
+def _same_settings(saved: Any, current: Any) -> bool:
+    """Equal settings, where a key missing on one side counts as ``None``: a run saved before an option existed
+    matches a run that leaves the option at its ``None`` default."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return all(_same_settings(saved.get(key), current.get(key)) for key in set(saved) | set(current))
+    return saved == current
+
+
 def _first_difference(saved: Any, current: Any, prefix: str = "") -> tuple[str, Any, Any]:
     if isinstance(saved, dict) and isinstance(current, dict):
         for key in sorted(set(saved) | set(current), key=str):
-            if saved.get(key) != current.get(key):
+            if not _same_settings(saved.get(key), current.get(key)):
                 return _first_difference(saved.get(key), current.get(key), f"{prefix}{key}.")
     return prefix.rstrip("."), saved, current
 

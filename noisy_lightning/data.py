@@ -241,7 +241,9 @@ class NoisyLabelDataModule(L.LightningDataModule):
         drop_label_issues: a ``label_issues.csv`` written for this same data (by ``predict`` or
             :meth:`~noisy_lightning.LabelIssues.to_csv`): the training samples it flags (``is_issue = 1``) are left
             out of the training split. The validation split keeps all its samples and labels. With a fit on the
-            rest this is the "EM + refit" recipe of the results (a file written for other data is refused).
+            rest this is the "EM + refit" recipe of the results (a file written for other data, another seed or
+            another ``val_fraction`` is refused). Label issues found later still list the dropped samples, as
+            ``split=train``.
 
     Loaders are :class:`~noisy_lightning.batching.TensorBatches`, not ``DataLoader``: the data is resident, so a
     batch is one gather per tensor, on the Trainer's device. The training order depends on ``seed`` and the epoch
@@ -295,6 +297,13 @@ class NoisyLabelDataModule(L.LightningDataModule):
                 f"{type(drop_label_issues).__name__}"
             )
         self.drop_label_issues = None if drop_label_issues is None else os.fspath(drop_label_issues)
+        if self.drop_label_issues is not None:
+            if not Path(self.drop_label_issues).is_file():  # fail before a Trainer or run folder is made
+                raise ValueError(
+                    f"drop_label_issues={self.drop_label_issues!r}: no such file "
+                    "(a label_issues.csv written by predict)"
+                )
+            settings["drop_label_issues"] = self.drop_label_issues  # a str in hparams and configs, not a Path
         self.dataset = dataset
         self.num_classes = num_classes
         self.noise_type = noise_type
@@ -464,7 +473,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
         order = torch.randperm(pool_size, generator=torch.Generator().manual_seed(self.seed + 7919))
         train_indices = order[num_val:].sort().values
         if self.drop_label_issues is not None:
-            flagged = flagged_in_csv(self.drop_label_issues, given)
+            flagged = flagged_in_csv(self.drop_label_issues, given, val_indices=order[:num_val])
             kept = train_indices[~flagged[train_indices]]
             if kept.numel() == 0:
                 raise ValueError(f"drop_label_issues={self.drop_label_issues!r} flags every training sample")

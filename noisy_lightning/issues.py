@@ -100,52 +100,64 @@ class LabelIssues:
         return path
 
 
-def flagged_in_csv(path: str | os.PathLike[str], given_labels: Tensor) -> Tensor:
+def flagged_in_csv(path: str | os.PathLike[str], given_labels: Tensor, val_indices: Tensor | None = None) -> Tensor:
     """Which samples of a pool a ``label_issues.csv`` (:meth:`LabelIssues.to_csv`) flags, in pool order.
 
     The file must have been written for this pool: one row per sample (``index`` covering ``0 .. N-1`` once
-    each) with the same ``given_label`` as ``given_labels``; anything else (another dataset, another noise seed,
-    a truncated file) is refused with a ``ValueError`` naming the file, rather than dropping the wrong samples.
+    each) with the same ``given_label`` as ``given_labels`` and, when ``val_indices`` is given, ``split =
+    validation`` on exactly those rows. Anything else (another dataset, noise setting, seed or ``val_fraction``, a
+    truncated file) is refused with a ``ValueError`` naming the file, rather than dropping the wrong samples.
 
     Returns:
         ``[N]`` bool, ``True`` where the row's ``is_issue`` is 1.
     """
     path = Path(path)
+    name = f"drop_label_issues={str(path)!r}"
     size = given_labels.numel()
     if not path.is_file():
-        raise ValueError(f"drop_label_issues={str(path)!r}: no such file (a label_issues.csv written by predict)")
-    required = ("index", "given_label", "is_issue")
+        raise ValueError(f"{name}: no such file (a label_issues.csv written by predict)")
+    required = ("index", "given_label", "is_issue", "split")
     with path.open(newline="") as stream:
         reader = csv.DictReader(stream)
-        missing = [name for name in required if name not in (reader.fieldnames or [])]
+        missing = [column for column in required if column not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(
-                f"drop_label_issues={str(path)!r} has no column {', '.join(missing)}: not a label_issues.csv"
-            )
+            raise ValueError(f"{name} has no column {', '.join(missing)}: not a label_issues.csv")
         try:
-            rows = [(int(row["index"]), int(row["given_label"]), int(row["is_issue"])) for row in reader]
+            rows = [
+                (int(row["index"]), int(row["given_label"]), int(row["is_issue"]), row["split"] == "validation")
+                for row in reader
+            ]
         except (TypeError, ValueError):
             raise ValueError(
-                f"drop_label_issues={str(path)!r}: row {reader.line_num} is not whole (index, given_label and "
-                "is_issue must be integers); the file may be truncated"
+                f"{name}: row {reader.line_num} is not whole (index, given_label and is_issue must be integers); "
+                "the file may be truncated"
             ) from None
-    index = torch.tensor([row[0] for row in rows], dtype=torch.long)
-    seen = torch.zeros(size, dtype=torch.long)
-    in_range = bool(((index >= 0) & (index < size)).all()) if len(rows) else True
-    if in_range:
-        seen.index_add_(0, index, torch.ones_like(index))
-    if len(rows) != size or not in_range or not bool((seen == 1).all()):
+    if len(rows) != size:
         raise ValueError(
-            f"drop_label_issues={str(path)!r} has {len(rows)} rows but this data's training pool has {size} samples, "
-            "each to appear once: the file was written for other data (or is truncated)"
+            f"{name} has {len(rows)} rows but this data's training pool has {size} samples: the file was written "
+            "for other data (or is truncated)"
         )
+    index = torch.tensor([row[0] for row in rows], dtype=torch.long)
+    in_range = bool(((index >= 0) & (index < size)).all())
+    if not in_range or torch.unique(index).numel() != size:
+        raise ValueError(f"{name}: its index column must hold each of 0..{size - 1} once; the file is damaged")
     given = torch.tensor([row[1] for row in rows], dtype=torch.long)
     differ = int((given_labels.long()[index] != given).sum())
     if differ:
         raise ValueError(
-            f"drop_label_issues={str(path)!r}: its given_label differs from this data's at {differ} of {size} "
-            "samples; it was written for another dataset, noise setting or seed"
+            f"{name}: its given_label differs from this data's at {differ} of {size} samples; it was written for "
+            "another dataset, noise setting or seed"
         )
+    if val_indices is not None:
+        in_validation = torch.zeros(size, dtype=torch.bool)
+        in_validation[index] = torch.tensor([row[3] for row in rows], dtype=torch.bool)
+        expected = torch.zeros(size, dtype=torch.bool)
+        expected[val_indices] = True
+        if not torch.equal(in_validation, expected):
+            raise ValueError(
+                f"{name}: its validation split differs from this data's at {int((in_validation != expected).sum())} "
+                "samples; it was written with another seed or val_fraction"
+            )
     flagged = torch.zeros(size, dtype=torch.bool)
     flagged[index] = torch.tensor([row[2] == 1 for row in rows], dtype=torch.bool)
     return flagged

@@ -740,3 +740,20 @@ def test_volume_prior_is_the_plain_m_step_at_zero_and_raises_its_objective_other
     assert objective(penalised, 0.01) > objective(plain, 0.01) + 1e-3
     # The prior pulls the drifted estimate away from the identity: a smaller determinant than the plain M-step's.
     assert torch.linalg.det(penalised).abs() < torch.linalg.det(plain).abs()
+
+
+def test_the_coteaching_reproduction_follows_the_official_schedule(tmp_path: Path) -> None:
+    reproduce = _load("reproduce_coteaching")
+    schedule = reproduce.learning_rate_and_beta1
+    # Trainer epoch e is the code's epoch e + 1; the code decays from its epoch 80 to lr / 120 in its epoch 199.
+    assert schedule(0) == (1e-3, 0.9) and schedule(78) == (1e-3, 0.9)
+    assert schedule(79) == (pytest.approx(1e-3), 0.1)
+    assert schedule(198) == (pytest.approx(1e-3 / 120), 0.1)
+    model = reproduce.OfficialCoTeaching(net=reproduce.CoTeachingCNN(), forget_rate=0.5)
+    assert model.current_forget_rate() == pytest.approx(0.5 / 9)  # the code's linspace(0, 0.5, 10)[1]
+    assert model.net(torch.rand(3, 784)).shape == (3, 10)
+    # The summary compares with the published figure only once all 199 epochs ran.
+    row = {"row": "symmetric50", "seed": "1", "flip_rate": "0.5", "precision": "32-true", "seconds": "1"}
+    epochs = [{**row, "epoch": str(e), "test_acc_first": "0.9", "test_acc_second": "0.9"} for e in range(1, 200)]
+    assert "| 90.00 | 90.00 | 91.68 | -1.68 |" in reproduce.summary_line("symmetric50", "1", epochs)
+    assert "run incomplete" in reproduce.summary_line("symmetric50", "1", epochs[:92])

@@ -211,3 +211,13 @@ def test_a_successful_run_destroys_the_process_group_it_leaves(tmp_path: Path, m
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_run_saved_before_an_option_existed_matches_the_option_left_at_none() -> None:
+    from noisy_lightning.cli import _first_difference, _same_settings
+
+    saved = {"data": {"seed": 0}, "model": {"lr": 0.001}}
+    assert _same_settings(saved, {"data": {"seed": 0, "drop_label_issues": None}, "model": {"lr": 0.001}})
+    changed = {"data": {"seed": 0, "drop_label_issues": "label_issues.csv"}, "model": {"lr": 0.001}}
+    assert not _same_settings(saved, changed)
+    assert _first_difference(saved, changed) == ("data.drop_label_issues", None, "label_issues.csv")

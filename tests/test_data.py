@@ -404,6 +404,7 @@ def test_drop_label_issues_refuses_a_file_written_for_other_data(tmp_path: Path)
         "another seed": (None, {"seed": 4}, "its given_label differs from this data's"),
         "truncated": ("\n".join(lines[:100]) + "\n", {}, "has 99 rows but this data's training pool has 4000"),
         "cut mid-row": ("\n".join(lines[:100]) + "\n12", {}, "row 101 is not whole"),
+        "an index twice": ("\n".join([*lines[:-1], lines[1]]) + "\n", {}, "must hold each of 0..3999 once"),
         "not a label_issues.csv": ("a,b\n1,2\n", {}, "has no column index, given_label, is_issue"),
         "missing": ("", {}, "no such file"),
     }
@@ -417,3 +418,17 @@ def test_drop_label_issues_refuses_a_file_written_for_other_data(tmp_path: Path)
         with pytest.raises(ValueError, match=re.escape(message)) as raised:
             NoisyLabelDataModule(**settings, drop_label_issues=str(target)).setup("fit")
         assert "drop_label_issues=" in str(raised.value), name
+
+
+def test_drop_label_issues_refuses_a_file_of_another_split_of_the_same_labels(tmp_path: Path) -> None:
+    """Labels used as given (your own data) are the same under any seed: the split column tells the files apart."""
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(200, 8, generator=generator), torch.randint(0, 3, (200,), generator=generator)
+    data = NoisyLabelDataModule.from_tensors(images, labels, seed=1)
+    data.setup("fit")
+    path = _issues_file(data, torch.zeros(200, dtype=torch.bool), tmp_path / "label_issues.csv")
+    NoisyLabelDataModule.from_tensors(images, labels, seed=1, drop_label_issues=str(path)).setup("fit")
+    for change in ({"seed": 2}, {"val_fraction": 0.5}):
+        other = NoisyLabelDataModule.from_tensors(images, labels, **change, drop_label_issues=str(path))
+        with pytest.raises(ValueError, match=r"its validation split differs .* another seed or val_fraction"):
+            other.setup("fit")

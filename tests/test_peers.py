@@ -2,6 +2,7 @@
 bad-input messages and a short fit of each on the shipped sample."""
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -395,3 +396,20 @@ def test_an_estimation_callback_is_off_for_methods_that_ignore_theta_and_warns_o
     assert not model.noise_layer.is_started
     with pytest.warns(UserWarning, match=r"stops there or before, so this fit trains on the given labels only"):
         quiet_trainer(max_epochs=2).fit(NoisyLabelClassifier(method="forward"), data)
+
+
+def test_fresh_copy_warns_only_for_parameters_it_cannot_draw_again() -> None:
+    from noisy_lightning.coteaching import fresh_copy
+
+    class Scale(torch.nn.Module):  # a parameter without reset_parameters(): the copy would start identical
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4))
+
+    convolutional = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batch norm's fixed ones and zeros are no reason to warn
+        twin = fresh_copy(convolutional)
+    assert not torch.equal(twin[0].weight, convolutional[0].weight)
+    with pytest.warns(UserWarning, match=r"the same 1\.weight as the first"):
+        fresh_copy(torch.nn.Sequential(torch.nn.Linear(4, 4), Scale()))

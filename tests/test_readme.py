@@ -65,13 +65,18 @@ def test_readme_has_the_snippets_this_file_runs() -> None:
 
 def test_python_api_snippet_runs(shrunk: list[lightning.Trainer], tmp_path: Path) -> None:
     namespace = run_snippet(python_snippets()[0])
-    assert len(shrunk) == 1 and shrunk[0].current_epoch == 2
+    assert len(shrunk) == 2 and shrunk[0].current_epoch == 2 and shrunk[1].current_epoch == 2
     assert shrunk[0].callback_metrics["test/acc"].item() > 0.25  # chance is 0.1 (2 epochs, 1 of them EM)
     noise_matrix = namespace["model"].noise_matrix
     torch.testing.assert_close(noise_matrix.sum(dim=1), torch.ones(10), atol=1e-5, rtol=0)
     assert not torch.allclose(noise_matrix, torch.eye(10)), "after one EM round theta is an estimate"
     rows = read_issues(tmp_path / "label_issues.csv")
     assert len(rows) == 4000 and float(rows[0]["score"]) <= float(rows[-1]["score"])
+    # EM + refit: the second fit trains on the training split less the labels that the file flags
+    flagged = {int(row["index"]) for row in rows if row["is_issue"] == "1" and row["split"] == "train"}
+    assert flagged
+    kept = namespace["refit"].pool.train_indices.tolist()
+    assert kept == [index for index in namespace["data"].pool.train_indices.tolist() if index not in flagged]
 
 
 def test_own_data_snippet_runs(shrunk: list[lightning.Trainer], tmp_path: Path) -> None:
