@@ -309,9 +309,9 @@ def write_markdown(csv_path: Path, md_path: Path, metadata: str) -> None:
         "Two 9-layer CNNs (the official `model.py`, no dropout), inputs in [0, 1], no augmentation, Adam 1e-3, "
         "batch 128, 199 training epochs of 401 batches, learning rate falling linearly from epoch 80 (beta1 0.1), "
         "forget rate = the noise rate, ramped over 10 epochs; all 60,000 training images but 10. "
-        f"`{json.dumps(RECIPE)}`. Test accuracy (%) on the 10,000 clean test images. Published: the official README's MNIST "
-        f"column; the paper averages the last {LAST_EPOCHS} epochs, so it is compared only with a run that completed "
-        "all 199.",
+        f"`{json.dumps(RECIPE)}`. Test accuracy (%) on the 10,000 clean test images. Published: the official "
+        f"README's MNIST column; the paper averages the last {LAST_EPOCHS} epochs, so it is compared only with a run "
+        "that completed all 199.",
         "",
         "| noise | seed | epochs run | precision | flip rate (%) | best epoch | last ten run | first network | "
         "second network | published | difference | seconds |",
