@@ -37,6 +37,6 @@ __all__ = [
     "corrupt_labels",
     "find_label_issues",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 quiet.install()
