@@ -622,10 +622,12 @@ class NoisyLabelDataModule(L.LightningDataModule):
             for key, tensor, what in (
                 ("labels_checksum", self._pool.given_labels, "labels (the data differs)"),
                 ("images_checksum", self._pool.images, "images (the data differs)"),
-                ("train_checksum", self._pool.train_indices, "training split (drop_label_issues differs)"),
             ):
                 if state_dict.get(key) not in (None, _checksum(tensor)):
                     mismatches.append(what)
+            # Another seed, val_fraction or data moves the training split too: name it only when nothing else does.
+            if not mismatches and state_dict.get("train_checksum") not in (None, _checksum(self._pool.train_indices)):
+                mismatches.append("training split (drop_label_issues differs)")
         if mismatches:
             raise ValueError(
                 "this checkpoint was trained with another data configuration: "
