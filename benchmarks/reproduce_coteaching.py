@@ -53,6 +53,7 @@ from common import (
     commit,
     machine,
     metadata_line,
+    provenance,
     read_table,
     write_table,
     write_text,
@@ -143,9 +144,8 @@ class OfficialCoTeaching(CoTeachingClassifier):
     """:class:`~noisy_lightning.CoTeachingClassifier` with the forget rate of the code's 1-based epochs."""
 
     def current_forget_rate(self) -> float:
-        return peers.coteaching_forget_rate(
-            code_epoch(self.current_epoch), self.final_forget_rate(), self.hparams.num_gradual
-        )
+        final = self._forget_rate if self._forget_rate is not None else self.final_forget_rate()  # the epoch's cache
+        return peers.coteaching_forget_rate(code_epoch(self.current_epoch), final, self.hparams.num_gradual)
 
 
 class OfficialSchedule(L.Callback):
@@ -293,19 +293,16 @@ def trajectory(row: str, seed: str, epochs: list[dict[str, str]]) -> list[str]:
 
 
 def write_markdown(csv_path: Path, md_path: Path, metadata: str) -> None:
+    rows = read_table(csv_path)
     runs: dict[tuple[str, str], list[dict[str, str]]] = {}
-    for epoch in read_table(csv_path):
+    for epoch in rows:
         runs.setdefault((epoch["row"], epoch["seed"]), []).append(epoch)
-    provenance = sorted({(run["command"], run["commit"], run["machine"]) for run in read_table(csv_path)})
     lines = [
         "# Co-teaching in its own setting: MNIST, the official code's network and schedule",
         "",
         metadata,
         "",
-        "Epochs measured by:",
-        "",
-        *(f"- `{command}` at commit {at} on {where};" for command, at, where in provenance),
-        "",
+        *provenance(rows),
         "Two 9-layer CNNs (the official `model.py`, no dropout), inputs in [0, 1], no augmentation, Adam 1e-3, "
         "batch 128, 199 training epochs of 401 batches, learning rate falling linearly from epoch 80 (beta1 0.1), "
         "forget rate = the noise rate, ramped over 10 epochs; all 60,000 training images but 10. "
