@@ -561,15 +561,16 @@ def test_compare_runs_each_method_with_the_library_defaults() -> None:
 def test_method_cost_writes_a_ratio_to_cross_entropy(tmp_path: Path) -> None:
     out = tmp_path / "cost"
     command = [sys.executable, str(BENCHMARKS / "method_cost.py"), "--dataset", "mnist_sample", "--epochs", "1"]
-    command += ["--rounds", "1", "--methods", "ce", "gce", "--out", str(out)]
+    command += ["--rounds", "1", "--methods", "ce", "em_refit", "--out", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
-    assert [row["method"] for row in rows] == ["ce", "gce"]
+    assert [row["method"] for row in rows] == ["ce", "em_refit"]
     assert float(rows[0]["ratio_to_ce"]) == 1.0
-    gce = rows[1]
-    ratio = float(gce["median_fit_seconds"]) / float(rows[0]["median_fit_seconds"])
-    assert float(gce["ratio_to_ce"]) == pytest.approx(ratio)
+    em_refit = rows[1]
+    ratio = float(em_refit["median_fit_seconds"]) / float(rows[0]["median_fit_seconds"])
+    assert float(em_refit["ratio_to_ce"]) == pytest.approx(ratio)
+    assert ratio > 1  # two fits and a pass for the label issues: never cheaper than the one cross-entropy fit
 
 
 def test_noise_suite_matrices_are_what_their_families_say() -> None:
