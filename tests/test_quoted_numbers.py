@@ -15,7 +15,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MEASUREMENT = re.compile(r"\d+\.\d+ ± \d+\.\d+|(?<![\w.])\d+\.\d+%")
 NAMED_FILE = re.compile(
-    r"\b(quality_\w+|compare_\w+|noise_suite_\w+|reproduce_\w+|em_variants|em_starts|quickstart|speed|speed_gpu|method_cost|volume_prior)\.md\b"
+    r"\b(quality_\w+|compare_\w+|noise_suite_\w+|reproduce_\w+|em_variants|em_starts|quickstart|speed|speed_gpu|method_cost\w*|volume_prior)\.md\b"
 )
 
 
