@@ -724,12 +724,18 @@ class NoisyLabelFigures(L.Callback):
         return next((cb for cb in trainer.callbacks if isinstance(cb, EMNoiseEstimation)), None)
 
     def _emit(self, trainer: L.Trainer, figure: Any, name: str) -> None:
+        from matplotlib.image import imread
+
         from noisy_lightning.plots import save_figure
 
-        self.saved.append(save_figure(figure, self._folder(trainer) / f"{name}.png", dpi=self.dpi))
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(name, figure, global_step=trainer.global_step, close=False)
+        path = save_figure(figure, self._folder(trainer) / f"{name}.png", dpi=self.dpi)
+        self.saved.append(path)
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if loggers:
+            # TensorBoard gets the PNG's pixels: drawing the figure once more for it would cost as much as the PNG.
+            pixels = imread(path)[..., :3]
+            for logger in loggers:
+                logger.experiment.add_image(name, pixels, global_step=trainer.global_step, dataformats="HWC")
 
     @staticmethod
     def _predict(pl_module: L.LightningModule, images: Tensor) -> Tensor:

@@ -418,7 +418,8 @@ def test_drop_label_issues_refuses_a_file_written_for_other_data(tmp_path: Path)
         with pytest.raises(ValueError, match=re.escape(message)) as raised:
             NoisyLabelDataModule(**settings, drop_label_issues=str(target)).setup("fit")
         assert "drop_label_issues=" in str(raised.value), name
-    with pytest.raises(ValueError, match="drop_label_issues must be the path of a label_issues.csv or None, got bool"):
+    expected = "drop_label_issues must be the path of a label_issues.csv or None, got bool"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         NoisyLabelDataModule(drop_label_issues=True)  # type: ignore[arg-type]
 
 

@@ -242,7 +242,13 @@ def test_figure_callback_writes_pngs_during_a_short_fit(tmp_path: Path) -> None:
     ]
     assert figures.em_round_epochs == [0, 1, 2]
     assert [epoch for epoch, _ in figures.history["test/acc"]] == [0, 1, 2]
-    assert list(Path(trainer.log_dir).glob("events.out.tfevents.*")), "figures also go to TensorBoard"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == sorted(str(Path(name).with_suffix("")) for name in names)
+    (grid,) = events.Images("correction_grid")  # TensorBoard holds the PNG as drawn, at its size
+    assert (grid.width, grid.height) == Image.open(folder / "correction_grid.png").size
 
 
 @pytest.mark.parametrize("track_test_accuracy", [True, False])
