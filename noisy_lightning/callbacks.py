@@ -682,7 +682,7 @@ class NoisyLabelFigures(L.Callback):
     """Draw the figures of :mod:`noisy_lightning.plots` during ``fit`` and put them where Lightning users look.
 
     Each figure is saved as a PNG and a PDF under ``<trainer.log_dir>/figures/`` and, with a TensorBoard logger,
-    logged to its Images tab. After each EM round: the noise matrix (``theta``, and the true ``T`` and the
+    logged to its Images tab (the PNG's pixels, at ``dpi``). After each EM round: the noise matrix (``theta``, and the true ``T`` and the
     difference when the data knows it). At the end of fit: the correction grid, the confusion matrices (when the
     data knows the clean labels) and the training curves. Figures are drawn on global rank 0 only.
 
