@@ -9,6 +9,7 @@ from helpers import quiet_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from PIL import Image
 
 from noisy_lightning import (
@@ -190,6 +191,8 @@ def test_save_figure_writes_a_png_and_a_pdf(tmp_path: Path) -> None:
         assert min(image.info["dpi"]) >= 149.5  # the default resolution, 150 dpi, is in the PNG's metadata
         assert image.size == (round(figure.get_figwidth() * 150), round(figure.get_figheight() * 150))
     assert b"/CreationDate" not in pdf  # redrawing the same figure gives the same bytes, not a spurious diff
+    # the PDF is drawn with the PNG's layout; the figure keeps its own layout engine for whatever the caller does next
+    assert isinstance(figure.get_layout_engine(), ConstrainedLayoutEngine)
     with pytest.raises(ValueError, match=r"must end in \.png"):
         plots.save_figure(figure, tmp_path / "matrix.pdf")
 
