@@ -682,9 +682,9 @@ class NoisyLabelFigures(L.Callback):
     """Draw the figures of :mod:`noisy_lightning.plots` during ``fit`` and put them where Lightning users look.
 
     Each figure is saved as a PNG and a PDF under ``<trainer.log_dir>/figures/`` and, with a TensorBoard logger,
-    logged to its Images tab (the PNG's pixels, at ``dpi``). After each EM round: the noise matrix (``theta``, and the true ``T`` and the
-    difference when the data knows it). At the end of fit: the correction grid, the confusion matrices (when the
-    data knows the clean labels) and the training curves. Figures are drawn on global rank 0 only.
+    logged to its Images tab (the PNG's pixels, at ``dpi``). After each EM round: the noise matrix (``theta``, and
+    the true ``T`` and the difference when the data knows it). At the end of fit: the correction grid, the confusion
+    matrices (when the data knows the clean labels) and the training curves. Figures are drawn on global rank 0 only.
 
     Args:
         grid_size: the correction grid is ``grid_size x grid_size`` images, in ``[1, 30]``.
@@ -724,7 +724,8 @@ class NoisyLabelFigures(L.Callback):
         return next((cb for cb in trainer.callbacks if isinstance(cb, EMNoiseEstimation)), None)
 
     def _emit(self, trainer: L.Trainer, figure: Any, name: str) -> None:
-        from matplotlib.image import imread
+        import numpy as np
+        from PIL import Image
 
         from noisy_lightning.plots import save_figure
 
@@ -733,7 +734,8 @@ class NoisyLabelFigures(L.Callback):
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if loggers:
             # TensorBoard gets the PNG's pixels: drawing the figure once more for it would cost as much as the PNG.
-            pixels = imread(path)[..., :3]
+            with Image.open(path) as png:
+                pixels = np.asarray(png.convert("RGB"))  # uint8, a quarter of a float RGBA copy
             for logger in loggers:
                 logger.experiment.add_image(name, pixels, global_step=trainer.global_step, dataformats="HWC")
 
