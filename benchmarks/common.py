@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -25,7 +26,9 @@ from typing import Generic, TypeVar
 import lightning as L
 import torch
 
+from noisy_lightning.data import NoisyLabelDataModule
 from noisy_lightning.files import atomic_write
+from noisy_lightning.issues import LabelIssues
 from noisy_lightning.module import NoisyLabelClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +52,16 @@ METADATA = re.compile(r"^Written by `(?P<command>.+)` at commit (?P<commit>\S+) 
 def accuracy(model: NoisyLabelClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     """The fraction of ``images`` whose predicted class (the argmax of the clean-label logits) is ``labels``."""
     return (model.logits_of(images).argmax(dim=1) == labels).double().mean().item()
+
+
+def without_label_issues(issues: LabelIssues, datamodule: NoisyLabelDataModule) -> NoisyLabelDataModule:
+    """ "EM + refit"'s data, as a user builds it: ``issues`` written to a ``label_issues.csv`` and ``datamodule``'s
+    settings again with ``drop_label_issues`` set to it (the same split, less the flagged training labels)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = issues.to_csv(Path(folder) / "label_issues.csv")
+        refit_data = NoisyLabelDataModule(**{**datamodule.hparams, "drop_label_issues": str(path)})
+        refit_data.setup("fit")  # reads the file, which goes with the folder
+    return refit_data
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

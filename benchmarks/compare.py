@@ -36,7 +36,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from common import (
     provenance,
     read_table,
     run_jobs,
+    without_label_issues,
     write_table,
     write_text,
 )
@@ -224,10 +224,7 @@ def run_em_prune(datamodule: NoisyLabelDataModule) -> dict[str, float]:
     flagged = flagged_training_labels(issues, pool.train_indices)
     _, given, clean = training_split(datamodule)
     precision, recall = precision_recall(flagged, given != clean)
-    with tempfile.TemporaryDirectory() as folder:
-        path = issues.to_csv(Path(folder) / "label_issues.csv")
-        refit_data = NoisyLabelDataModule(**{**datamodule.hparams, "drop_label_issues": str(path)})
-        refit_data.setup("fit")  # reads the file, which goes with the folder
+    refit_data = without_label_issues(issues, datamodule)
     refit, refit_callbacks = make_model("ce")
     refit_seconds = fit(refit, refit_data, refit_callbacks)
     kept = refit_data.pool

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from common import (
     commit,
     machine,
     metadata_line,
+    without_label_issues,
     write_table,
     write_text,
 )
@@ -87,10 +87,7 @@ def time_em_refit(datamodule: NoisyLabelDataModule, epochs: int, library_default
     model, callbacks = make("em", library_defaults)
     started = time.perf_counter()  # from the EM fit on, as the other rows' timers start at their fit
     fit(model, callbacks, datamodule, epochs)
-    with tempfile.TemporaryDirectory() as folder:
-        path = find_label_issues(model, datamodule).to_csv(Path(folder) / "label_issues.csv")
-        refit_data = NoisyLabelDataModule(**{**datamodule.hparams, "drop_label_issues": str(path)})
-        refit_data.setup("fit")  # reads the file, which goes with the folder
+    refit_data = without_label_issues(find_label_issues(model, datamodule), datamodule)
     refit, refit_callbacks = make("ce", library_defaults)
     fit(refit, refit_callbacks, refit_data, epochs)
     return time.perf_counter() - started

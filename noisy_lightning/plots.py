@@ -459,12 +459,11 @@ def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 150) ->
         # Positions from a layout engine are fractions of the figure, the same at any dpi: the PDF keeps the PNG's
         # instead of solving the layout again (the costly part of drawing a figure of many axes).
         engine = figure.get_layout_engine()
-        if engine is None:
-            figure.savefig(pdf, format="pdf", metadata={"CreationDate": None})
-        else:
+        if engine is not None:
             figure.set_layout_engine("none")
-            try:
-                figure.savefig(pdf, format="pdf", metadata={"CreationDate": None})
-            finally:
+        try:
+            figure.savefig(pdf, format="pdf", metadata={"CreationDate": None})
+        finally:
+            if engine is not None:
                 figure.set_layout_engine(engine)
     return path
